@@ -1,0 +1,170 @@
+//! Keyspace-notification flags: what the watcher needs, and what to do when
+//! the server's configuration lacks them.
+
+use redis::aio::ConnectionManager;
+use redis::Value;
+
+/// `K`: keyspace channel; `g`: DEL/EXPIRE/RENAME; `$`: SET; `x`: expired.
+const REQUIRED: &str = "Kg$x";
+/// `h`: hash heartbeats (HSET status=draining); `e`: evictions.
+const RECOMMENDED: &str = "he";
+/// Classes that the alias `A` stands for.
+const ALIAS_A: &str = "g$lshzxetd";
+
+/// How the watcher learns of changes on this server.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum NotificationMode {
+    /// Not checked yet (Redis has not answered since start).
+    Unchecked,
+    /// Keyspace notifications carry every change: reaction in milliseconds,
+    /// reconciliation only as a safety net.
+    Notifications,
+    /// Some changes are notified, not all (for instance hash writes, when `h`
+    /// is missing): those are seen at the next reconciliation or deadline.
+    Partial,
+    /// No usable notifications (off, or `CONFIG` forbidden): changes are seen
+    /// at the next reconciliation, expiries at their local deadline.
+    ReconcileOnly,
+}
+
+/// The flags in `current` that the watcher needs and does not find there.
+pub(crate) fn missing(current: &str, wanted: &str) -> String {
+    let has = |c: char| current.contains(c) || (current.contains('A') && ALIAS_A.contains(c));
+    wanted.chars().filter(|&c| !has(c)).collect()
+}
+
+pub(crate) fn mode_for(current: &str) -> NotificationMode {
+    if !missing(current, REQUIRED).is_empty() {
+        NotificationMode::ReconcileOnly
+    } else if !missing(current, RECOMMENDED).is_empty() {
+        NotificationMode::Partial
+    } else {
+        NotificationMode::Notifications
+    }
+}
+
+/// What checking the server's configuration found.
+#[derive(Debug)]
+pub(crate) enum Check {
+    /// The mode in force (after turning flags on, when allowed).
+    Mode {
+        mode: NotificationMode,
+        /// Why it is not [`NotificationMode::Notifications`], for the warning.
+        why: Option<String>,
+    },
+    /// Redis did not answer: try again later.
+    Unreachable(redis::RedisError),
+}
+
+/// Reads `notify-keyspace-events` and, when `may_configure`, turns on what is
+/// missing. `CONFIG` is often renamed or forbidden on managed Redis: that
+/// gives [`NotificationMode::ReconcileOnly`], not an error.
+pub(crate) async fn check(conn: &mut ConnectionManager, may_configure: bool) -> Check {
+    let reply: Value = match redis::cmd("CONFIG")
+        .arg("GET")
+        .arg("notify-keyspace-events")
+        .query_async(conn)
+        .await
+    {
+        Ok(v) => v,
+        Err(e) if is_transient(&e) => return Check::Unreachable(e),
+        Err(e) => {
+            return Check::Mode {
+                mode: NotificationMode::ReconcileOnly,
+                why: Some(format!(
+                    "CONFIG GET is not allowed on this server ({e}); cannot tell whether keyspace notifications are on"
+                )),
+            }
+        }
+    };
+    let current = config_value(&reply).unwrap_or_default();
+    let mode = mode_for(&current);
+    if mode == NotificationMode::Notifications {
+        return Check::Mode { mode, why: None };
+    }
+    let wanted = format!("{REQUIRED}{RECOMMENDED}");
+    let lacking = missing(&current, &wanted);
+    if !may_configure {
+        return Check::Mode {
+            mode,
+            why: Some(format!(
+                "notify-keyspace-events is {current:?} and lacks {lacking:?}; run `CONFIG SET notify-keyspace-events {current}{lacking}` or allow the watcher to configure notifications"
+            )),
+        };
+    }
+    let merged = format!("{current}{lacking}");
+    let set: redis::RedisResult<()> = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("notify-keyspace-events")
+        .arg(&merged)
+        .query_async(conn)
+        .await;
+    match set {
+        Ok(()) => Check::Mode {
+            mode: mode_for(&merged),
+            why: None,
+        },
+        Err(e) if is_transient(&e) => Check::Unreachable(e),
+        Err(e) => Check::Mode {
+            mode,
+            why: Some(format!(
+                "CONFIG SET notify-keyspace-events {merged} was refused ({e})"
+            )),
+        },
+    }
+}
+
+/// `CONFIG GET` answers a map in RESP3 and a flat array in RESP2.
+fn config_value(reply: &Value) -> Option<String> {
+    let value = match reply {
+        Value::Map(pairs) => pairs.first().map(|(_, v)| v),
+        Value::Array(items) => items.get(1),
+        _ => None,
+    }?;
+    match value {
+        Value::BulkString(b) => Some(String::from_utf8_lossy(b).into_owned()),
+        Value::SimpleString(s) => Some(s.clone()),
+        _ => None,
+    }
+}
+
+/// Failures that say "Redis did not answer" rather than "Redis said no".
+pub(crate) fn is_transient(e: &redis::RedisError) -> bool {
+    e.is_io_error()
+        || e.is_timeout()
+        || e.is_connection_dropped()
+        || e.is_connection_refusal()
+        || e.is_unrecoverable_error()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_are_read_with_the_a_alias() {
+        assert_eq!(mode_for(""), NotificationMode::ReconcileOnly);
+        assert_eq!(mode_for("Ex"), NotificationMode::ReconcileOnly);
+        assert_eq!(mode_for("Kg$x"), NotificationMode::Partial);
+        assert_eq!(mode_for("KA"), NotificationMode::Notifications);
+        assert_eq!(mode_for("xeKhg$"), NotificationMode::Notifications);
+        assert_eq!(missing("KEg", "Kg$xhe"), "$xhe");
+        assert_eq!(missing("AK", "Kg$xhe"), "");
+    }
+
+    #[test]
+    fn config_get_reply_is_understood_in_both_protocols() {
+        let resp3 = Value::Map(vec![(
+            Value::BulkString(b"notify-keyspace-events".to_vec()),
+            Value::BulkString(b"xKE".to_vec()),
+        )]);
+        let resp2 = Value::Array(vec![
+            Value::BulkString(b"notify-keyspace-events".to_vec()),
+            Value::BulkString(b"".to_vec()),
+        ]);
+        assert_eq!(config_value(&resp3).as_deref(), Some("xKE"));
+        assert_eq!(config_value(&resp2).as_deref(), Some(""));
+        assert_eq!(config_value(&Value::Nil), None);
+    }
+}

@@ -1,0 +1,161 @@
+//! The shared, always-current view of one target's health.
+
+use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::Arc;
+
+use tokio::sync::watch;
+
+use crate::target::Target;
+
+/// What the watcher believes about a target.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Health {
+    /// Not known yet: Redis has not answered since the target was first
+    /// watched.
+    Unknown,
+    /// A heartbeat key lives and does not announce a stop.
+    Up,
+    /// No heartbeat key lives, or every live one says `draining`/`down`.
+    Down,
+}
+
+impl Health {
+    fn to_u8(self) -> u8 {
+        match self {
+            Health::Unknown => 0,
+            Health::Up => 1,
+            Health::Down => 2,
+        }
+    }
+
+    fn from_u8(v: u8) -> Self {
+        match v {
+            1 => Health::Up,
+            2 => Health::Down,
+            _ => Health::Unknown,
+        }
+    }
+}
+
+impl fmt::Display for Health {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Health::Unknown => "unknown",
+            Health::Up => "up",
+            Health::Down => "down",
+        })
+    }
+}
+
+/// One target's health as this process sees it, shared by every clone.
+///
+/// Reading it ([`health`](Self::health), [`is_up`](Self::is_up)) is one
+/// atomic load: no lock, no Redis command. A background task of the
+/// [`Watcher`](super::Watcher) keeps it current; [`changes`](Self::changes)
+/// lets a task await transitions.
+///
+/// The view keeps its watcher's background tasks alive: they stop when the
+/// watcher and every view of it are dropped.
+#[derive(Clone)]
+pub struct TargetView {
+    state: Arc<ViewState>,
+    _keepalive: Arc<dyn Send + Sync>,
+}
+
+impl TargetView {
+    pub(crate) fn new(state: Arc<ViewState>, keepalive: Arc<dyn Send + Sync>) -> Self {
+        Self {
+            state,
+            _keepalive: keepalive,
+        }
+    }
+
+    /// The current belief. One atomic load.
+    #[inline]
+    pub fn health(&self) -> Health {
+        Health::from_u8(self.state.health.load(Ordering::Acquire))
+    }
+
+    /// Whether the target is believed up. One atomic load.
+    #[inline]
+    pub fn is_up(&self) -> bool {
+        self.state.health.load(Ordering::Acquire) == Health::Up.to_u8()
+    }
+
+    /// Whether the last attempt to read the heartbeat from Redis succeeded.
+    ///
+    /// While Redis is unreachable the view holds its last known health: the
+    /// target cannot refresh its heartbeat either, so an expiring TTL then
+    /// says nothing about the target itself.
+    pub fn redis_reachable(&self) -> bool {
+        self.state.reachable.load(Ordering::Acquire)
+    }
+
+    /// The target this view is about.
+    pub fn target(&self) -> &Target {
+        &self.state.target
+    }
+
+    /// A receiver that sees every change of [`Health`]; `changed().await`
+    /// wakes on the next transition.
+    pub fn changes(&self) -> watch::Receiver<Health> {
+        self.state.changes.subscribe()
+    }
+
+    /// Waits until the health is `wanted` (returns at once if it already is).
+    pub async fn wait_for(&self, wanted: Health) {
+        let mut rx = self.changes();
+        // The sender lives in `self.state`, which we hold: `wait_for` cannot
+        // see a closed channel, but treat it as "stop waiting" all the same.
+        let _ = rx.wait_for(|h| *h == wanted).await;
+    }
+}
+
+impl fmt::Debug for TargetView {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TargetView")
+            .field("target", &self.state.target.name())
+            .field("health", &self.health())
+            .field("redis_reachable", &self.redis_reachable())
+            .finish()
+    }
+}
+
+/// The memory behind a [`TargetView`], written only by the watcher task.
+pub(crate) struct ViewState {
+    target: Target,
+    health: AtomicU8,
+    reachable: AtomicBool,
+    changes: watch::Sender<Health>,
+}
+
+impl ViewState {
+    pub(crate) fn new(target: Target) -> Self {
+        Self {
+            target,
+            health: AtomicU8::new(Health::Unknown.to_u8()),
+            reachable: AtomicBool::new(false),
+            changes: watch::Sender::new(Health::Unknown),
+        }
+    }
+
+    pub(crate) fn target(&self) -> &Target {
+        &self.target
+    }
+
+    /// Stores `health`; returns whether it changed.
+    pub(crate) fn set_health(&self, health: Health) -> bool {
+        let previous = self.health.swap(health.to_u8(), Ordering::AcqRel);
+        if previous == health.to_u8() {
+            return false;
+        }
+        self.changes.send_replace(health);
+        true
+    }
+
+    pub(crate) fn set_reachable(&self, reachable: bool) -> bool {
+        self.reachable.swap(reachable, Ordering::AcqRel) != reachable
+    }
+}

@@ -1,0 +1,640 @@
+//! The caller's side: one background task per watched target keeps a
+//! [`TargetView`] current from keyspace notifications, local deadlines and
+//! periodic reconciliation.
+
+use std::collections::{BTreeSet, HashMap};
+use std::fmt;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{ProtocolVersion, PushInfo, PushKind, Value};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::{sleep_until, timeout, Instant};
+use tracing::{debug, info, trace, warn, Instrument};
+
+use super::notifications::{self, Check, NotificationMode};
+use super::probe::{self, Assessment};
+use super::view::{Health, TargetView, ViewState};
+use crate::error::RedisError;
+use crate::target::{HeartbeatSource, Target};
+
+/// Default time between two reconciliations of a target (a full re-read that
+/// covers lost notifications).
+pub const DEFAULT_RECONCILE_INTERVAL: Duration = Duration::from_secs(1);
+/// Default time allowed for one Redis read before it counts as failed.
+pub const DEFAULT_READ_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// Retry pacing while Redis does not answer: short at first (a restart is
+/// quick), then slow enough that an outage costs no measurable CPU.
+const RETRY_MIN: Duration = Duration::from_millis(50);
+const RETRY_MAX: Duration = Duration::from_secs(2);
+/// Instance discovery scans this many keys per `SCAN` call.
+const SCAN_COUNT: usize = 1000;
+
+/// Builds a [`Watcher`].
+#[derive(Clone, Debug)]
+pub struct WatcherBuilder {
+    reconcile_interval: Duration,
+    read_timeout: Duration,
+    configure_notifications: bool,
+}
+
+impl Default for WatcherBuilder {
+    fn default() -> Self {
+        Self {
+            reconcile_interval: DEFAULT_RECONCILE_INTERVAL,
+            read_timeout: DEFAULT_READ_TIMEOUT,
+            configure_notifications: false,
+        }
+    }
+}
+
+impl WatcherBuilder {
+    /// How often each target is re-read even when nothing was notified
+    /// (default 1 s). This bounds how late a change is seen when
+    /// notifications are lost or off; expiries are seen at their deadline
+    /// regardless.
+    pub fn reconcile_interval(mut self, interval: Duration) -> Self {
+        self.reconcile_interval = interval.max(Duration::from_millis(10));
+        self
+    }
+
+    /// How long one read may take before Redis counts as unreachable
+    /// (default 500 ms).
+    pub fn read_timeout(mut self, timeout: Duration) -> Self {
+        self.read_timeout = timeout.max(Duration::from_millis(1));
+        self
+    }
+
+    /// Allow the watcher to turn on the keyspace-notification flags it needs
+    /// with `CONFIG SET` (default: off; the watcher only reads the setting
+    /// and warns once when flags are missing). The flags are re-checked after
+    /// every reconnect, since a restarted server forgets a `CONFIG SET`.
+    pub fn configure_notifications(mut self, allow: bool) -> Self {
+        self.configure_notifications = allow;
+        self
+    }
+
+    /// Starts the watcher on `client`'s server.
+    ///
+    /// Does not wait for Redis: when it is unreachable the watcher starts
+    /// anyway, views report [`Health::Unknown`] and everything catches up
+    /// when Redis answers. Must be called within a Tokio runtime.
+    ///
+    /// Fails only when `client` cannot be used at all (for instance, an
+    /// unsupported connection type).
+    pub async fn connect(self, client: redis::Client) -> Result<Watcher, RedisError> {
+        Watcher::start(self, client)
+    }
+}
+
+/// Keeps one shared [`TargetView`] per watched target, current without any
+/// Redis round trip on the reading side.
+///
+/// Create one per process and clone it: clones share the connection, the
+/// background tasks and the views.
+///
+/// # How it knows
+///
+/// - **Keyspace notifications** on the exact channel of each heartbeat key
+///   (`__keyspace@<db>__:<key>`; a pattern for multi-instance targets) wake
+///   the target's task, which re-reads the key: a notification is a hint, the
+///   key is the truth.
+/// - **Local deadlines.** Each read takes the key's `PTTL`; the view turns
+///   down at that deadline after one confirming read, not when Redis gets
+///   round to deleting the key and emitting `expired` (which can be seconds
+///   to minutes late on a server with many volatile keys).
+/// - **Reconciliation** every [`reconcile_interval`](WatcherBuilder::reconcile_interval)
+///   and after every reconnect covers lost notifications, and servers where
+///   notifications are off or `CONFIG` is forbidden.
+///
+/// While Redis is unreachable, views hold their last known health: the
+/// target cannot refresh its heartbeat then either, so a passing TTL says
+/// nothing about the target. [`TargetView::redis_reachable`] tells.
+#[derive(Clone)]
+pub struct Watcher {
+    inner: Arc<WatcherInner>,
+}
+
+struct WatcherInner {
+    conn: ConnectionManager,
+    config: WatcherBuilder,
+    db: i64,
+    router: Arc<Router>,
+    views: Mutex<HashMap<Target, Arc<ViewState>>>,
+    mode: watch::Receiver<NotificationMode>,
+    shutdown: watch::Sender<bool>,
+}
+
+impl Drop for WatcherInner {
+    fn drop(&mut self) {
+        self.shutdown.send_replace(true);
+    }
+}
+
+impl Watcher {
+    /// A builder with the defaults.
+    pub fn builder() -> WatcherBuilder {
+        WatcherBuilder::default()
+    }
+
+    /// A watcher with the defaults on `client`'s server. See
+    /// [`WatcherBuilder::connect`].
+    pub async fn connect(client: redis::Client) -> Result<Watcher, RedisError> {
+        Self::builder().connect(client).await
+    }
+
+    fn start(config: WatcherBuilder, client: redis::Client) -> Result<Watcher, RedisError> {
+        // Notifications arrive as RESP3 pushes on the same multiplexed
+        // connection that reads the keys; the manager reconnects and
+        // resubscribes by itself, and tells us of each disconnection.
+        let info = client.get_connection_info().clone();
+        let db = info.redis_settings().db();
+        let settings = info
+            .redis_settings()
+            .clone()
+            .set_protocol(ProtocolVersion::RESP3);
+        let client = redis::Client::open(info.set_redis_settings(settings))
+            .map_err(|e| RedisError::new("watcher connect", e))?;
+
+        let (disconnects_tx, disconnects_rx) = mpsc::unbounded_channel();
+        let router = Arc::new(Router {
+            routes: RwLock::new(HashMap::new()),
+            disconnects: disconnects_tx,
+        });
+        let push_router = Arc::clone(&router);
+        let manager_config = ConnectionManagerConfig::new()
+            .set_push_sender(move |push: PushInfo| {
+                push_router.dispatch(push);
+                Ok::<(), std::convert::Infallible>(())
+            })
+            .set_automatic_resubscription()
+            .set_response_timeout(Some(config.read_timeout))
+            .set_connection_timeout(Some(config.read_timeout.max(Duration::from_secs(1))))
+            // One quick retry inside the manager; our own loops pace the rest.
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_millis(500));
+        let conn = ConnectionManager::new_lazy_with_config(client, manager_config)
+            .map_err(|e| RedisError::new("watcher connect", e))?;
+
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let (mode_tx, mode) = watch::channel(NotificationMode::Unchecked);
+        let supervisor = Supervisor {
+            conn: conn.clone(),
+            router: Arc::clone(&router),
+            may_configure: config.configure_notifications,
+            reconcile_interval: config.reconcile_interval,
+            mode: mode_tx,
+            disconnects: disconnects_rx,
+            shutdown: shutdown_rx,
+        };
+        tokio::spawn(supervisor.run().instrument(tracing::Span::current()));
+
+        Ok(Watcher {
+            inner: Arc::new(WatcherInner {
+                conn,
+                config,
+                db,
+                router,
+                views: Mutex::new(HashMap::new()),
+                mode,
+                shutdown,
+            }),
+        })
+    }
+
+    /// The shared view of `target`, watched from now on.
+    ///
+    /// The first call for a target subscribes to its heartbeat, reads it once
+    /// (waiting at most about one read timeout) and starts its task; later
+    /// calls return the same view at once.
+    pub async fn watch(&self, target: &Target) -> TargetView {
+        let (state, first_read) = {
+            let mut views = lock(&self.inner.views);
+            if let Some(state) = views.get(target) {
+                (Arc::clone(state), None)
+            } else {
+                let state = Arc::new(ViewState::new(target.clone()));
+                views.insert(target.clone(), Arc::clone(&state));
+                let first_read = self.spawn_target_task(Arc::clone(&state));
+                (state, Some(first_read))
+            }
+        };
+        if let Some(first_read) = first_read {
+            // The task answers after its first read attempt, success or not;
+            // the bound only guards against a stalled runtime.
+            let bound = self.inner.config.read_timeout * 3 + Duration::from_millis(100);
+            let _ = timeout(bound, first_read).await;
+        }
+        TargetView::new(state, Arc::clone(&self.inner) as Arc<dyn Send + Sync>)
+    }
+
+    /// How this watcher currently learns of changes.
+    pub fn notification_mode(&self) -> NotificationMode {
+        *self.inner.mode.borrow()
+    }
+
+    fn spawn_target_task(&self, state: Arc<ViewState>) -> oneshot::Receiver<()> {
+        let target = state.target().clone();
+        let channel_prefix = format!("__keyspace@{}__:", self.inner.db);
+        let subscription = match target.heartbeat_source() {
+            HeartbeatSource::Instances => Subscription::Pattern(format!(
+                "{channel_prefix}{}*",
+                target.instance_key_prefix()
+            )),
+            _ => Subscription::Channel(format!("{channel_prefix}{}", target.heartbeat_key())),
+        };
+        let keys = match target.heartbeat_source() {
+            HeartbeatSource::Instances => BTreeSet::new(),
+            _ => BTreeSet::from([target.heartbeat_key()]),
+        };
+        let (hints_tx, hints) = mpsc::unbounded_channel();
+        self.inner
+            .router
+            .add(subscription.route(), channel_prefix.clone(), hints_tx);
+        let (ready_tx, ready) = oneshot::channel();
+        let task = TargetTask {
+            conn: self.inner.conn.clone(),
+            state,
+            script: probe::read_script(),
+            subscription,
+            subscribed: false,
+            keys,
+            reconcile_interval: self.inner.config.reconcile_interval,
+            read_timeout: self.inner.config.read_timeout,
+            hints,
+            shutdown: self.inner.shutdown.subscribe(),
+            ready: Some(ready_tx),
+        };
+        let span = tracing::debug_span!("heartbeat_watch", target = %target);
+        tokio::spawn(task.run().instrument(span));
+        ready
+    }
+}
+
+impl fmt::Debug for Watcher {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Watcher")
+            .field("config", &self.inner.config)
+            .field("db", &self.inner.db)
+            .field("targets", &lock(&self.inner.views).len())
+            .field("notification_mode", &self.notification_mode())
+            .finish()
+    }
+}
+
+/// A hint for a target's task: something may have changed.
+#[derive(Debug)]
+enum Hint {
+    /// A keyspace event on `key`.
+    Event { key: String },
+    /// The connection was re-established (or the server's notification
+    /// setup re-checked): re-read everything.
+    Resync,
+}
+
+/// Routes RESP3 pushes to target tasks. Runs inside the connection's reader,
+/// so it only looks up a map and sends on unbounded channels.
+struct Router {
+    /// `c:<channel>` or `p:<pattern>` -> (channel prefix, task).
+    routes: RwLock<HashMap<String, (String, mpsc::UnboundedSender<Hint>)>>,
+    disconnects: mpsc::UnboundedSender<()>,
+}
+
+impl Router {
+    fn add(&self, route: String, channel_prefix: String, tx: mpsc::UnboundedSender<Hint>) {
+        write(&self.routes).insert(route, (channel_prefix, tx));
+    }
+
+    fn dispatch(&self, push: PushInfo) {
+        let (route, channel) = match (&push.kind, push.data.as_slice()) {
+            (PushKind::Message, [channel, ..]) => (format!("c:{}", text(channel)), text(channel)),
+            (PushKind::PMessage, [pattern, channel, ..]) => {
+                (format!("p:{}", text(pattern)), text(channel))
+            }
+            (PushKind::Disconnection, _) => {
+                let _ = self.disconnects.send(());
+                return;
+            }
+            _ => return,
+        };
+        let routes = read(&self.routes);
+        if let Some((prefix, tx)) = routes.get(&route) {
+            let key = channel.strip_prefix(prefix.as_str()).unwrap_or(&channel);
+            let _ = tx.send(Hint::Event {
+                key: key.to_owned(),
+            });
+        }
+    }
+
+    fn broadcast_resync(&self) {
+        for (_, tx) in read(&self.routes).values() {
+            let _ = tx.send(Hint::Resync);
+        }
+    }
+}
+
+fn text(v: &Value) -> String {
+    match v {
+        Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
+        Value::SimpleString(s) => s.clone(),
+        _ => String::new(),
+    }
+}
+
+#[derive(Debug)]
+enum Subscription {
+    Channel(String),
+    Pattern(String),
+}
+
+impl Subscription {
+    fn route(&self) -> String {
+        match self {
+            Subscription::Channel(c) => format!("c:{c}"),
+            Subscription::Pattern(p) => format!("p:{p}"),
+        }
+    }
+}
+
+/// Checks the notification setup at start and after every reconnect, then
+/// asks every target to re-read: whatever changed while the connection was
+/// down was not notified.
+struct Supervisor {
+    conn: ConnectionManager,
+    router: Arc<Router>,
+    may_configure: bool,
+    reconcile_interval: Duration,
+    mode: watch::Sender<NotificationMode>,
+    disconnects: mpsc::UnboundedReceiver<()>,
+    shutdown: watch::Receiver<bool>,
+}
+
+impl Supervisor {
+    async fn run(mut self) {
+        let mut warned_for: Option<NotificationMode> = None;
+        loop {
+            let mut delay = RETRY_MIN;
+            loop {
+                match notifications::check(&mut self.conn, self.may_configure).await {
+                    Check::Mode { mode, why } => {
+                        if let Some(why) = why {
+                            if warned_for != Some(mode) {
+                                warn!(
+                                    reconcile_interval = ?self.reconcile_interval,
+                                    "keyspace notifications incomplete: {why}; \
+                                     changes they would carry are seen at the next reconciliation"
+                                );
+                                warned_for = Some(mode);
+                            }
+                        } else if warned_for.take().is_some() {
+                            info!("keyspace notifications complete again");
+                        }
+                        debug!(?mode, "notification mode");
+                        self.mode.send_replace(mode);
+                        break;
+                    }
+                    Check::Unreachable(e) => {
+                        trace!(error = %e, "notification check: redis unreachable");
+                        tokio::select! {
+                            _ = tokio::time::sleep(delay) => {}
+                            _ = self.shutdown.changed() => return,
+                        }
+                        delay = (delay * 2).min(RETRY_MAX);
+                    }
+                }
+            }
+            self.router.broadcast_resync();
+            tokio::select! {
+                d = self.disconnects.recv() => {
+                    if d.is_none() { return; }
+                    debug!("redis connection lost; re-checking after reconnect");
+                    self.router.broadcast_resync();
+                }
+                _ = self.shutdown.changed() => return,
+            }
+        }
+    }
+}
+
+/// Keeps one target's view current.
+struct TargetTask {
+    conn: ConnectionManager,
+    state: Arc<ViewState>,
+    script: redis::Script,
+    subscription: Subscription,
+    subscribed: bool,
+    /// Heartbeat keys known to exist (multi-instance) or the one key.
+    keys: BTreeSet<String>,
+    reconcile_interval: Duration,
+    read_timeout: Duration,
+    hints: mpsc::UnboundedReceiver<Hint>,
+    shutdown: watch::Receiver<bool>,
+    ready: Option<oneshot::Sender<()>>,
+}
+
+/// What the task waits for between reads.
+struct Schedule {
+    deadline: Option<Instant>,
+    next_reconcile: Instant,
+    retry_at: Option<Instant>,
+}
+
+impl TargetTask {
+    async fn run(mut self) {
+        let mut schedule = Schedule {
+            deadline: None,
+            next_reconcile: Instant::now(),
+            retry_at: None,
+        };
+        let mut retry_delay = RETRY_MIN;
+        let mut discover = true;
+        loop {
+            match self.refresh(discover).await {
+                Ok(assessment) => {
+                    retry_delay = RETRY_MIN;
+                    schedule.retry_at = None;
+                    schedule.deadline = assessment.deadline.map(Instant::from_std);
+                    schedule.next_reconcile = Instant::now() + self.reconcile_interval;
+                }
+                Err(e) => {
+                    if self.state.set_reachable(false) {
+                        warn!(error = %e, "cannot read heartbeat; holding last known health until redis answers");
+                    }
+                    // The deadline stays armed: reaching it triggers one more
+                    // read attempt, never a verdict without Redis.
+                    schedule.retry_at = Some(Instant::now() + retry_delay);
+                    retry_delay = (retry_delay * 2).min(RETRY_MAX);
+                }
+            }
+            if let Some(ready) = self.ready.take() {
+                let _ = ready.send(());
+            }
+            discover = false;
+
+            let wake_at = schedule
+                .retry_at
+                .unwrap_or(schedule.next_reconcile)
+                .min(schedule.deadline.unwrap_or(schedule.next_reconcile));
+            tokio::select! {
+                biased;
+                _ = self.shutdown.changed() => return,
+                hint = self.hints.recv() => {
+                    let Some(hint) = hint else { return };
+                    discover |= self.absorb(hint);
+                    while let Ok(hint) = self.hints.try_recv() {
+                        discover |= self.absorb(hint);
+                    }
+                    // After a failure, a hint does not shorten the backoff:
+                    // an event proves the connection works, but the reader
+                    // of a dead one must not spin on a storm of hints.
+                    if let Some(retry_at) = schedule.retry_at {
+                        tokio::select! {
+                            _ = sleep_until(retry_at) => {}
+                            _ = self.shutdown.changed() => return,
+                        }
+                    }
+                }
+                _ = sleep_until(wake_at) => {
+                    if Instant::now() >= schedule.next_reconcile {
+                        discover = true;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Takes in a hint; returns whether instance keys should be rediscovered.
+    fn absorb(&mut self, hint: Hint) -> bool {
+        match hint {
+            Hint::Event { key } => {
+                trace!(%key, "keyspace event");
+                if matches!(self.subscription, Subscription::Pattern(_)) {
+                    self.keys.insert(key);
+                }
+                false
+            }
+            Hint::Resync => true,
+        }
+    }
+
+    /// Reads the heartbeat and publishes the verdict.
+    async fn refresh(&mut self, discover: bool) -> Result<Assessment, RedisError> {
+        if !self.subscribed {
+            self.subscribe().await?;
+        }
+        let multi_instance = matches!(self.subscription, Subscription::Pattern(_));
+        if multi_instance && discover {
+            self.discover_instances().await?;
+        }
+        let mut assessment = self.read().await?;
+        if multi_instance && assessment.health == Health::Down && !discover {
+            // Never conclude "down" from the instances we happen to know:
+            // one we have not heard of may be serving.
+            if self.discover_instances().await? {
+                assessment = self.read().await?;
+            }
+        }
+        if self.state.set_reachable(true) {
+            info!("heartbeat readable again");
+        }
+        if self.state.set_health(assessment.health) {
+            debug!(health = %assessment.health, serving = assessment.serving, "target health changed");
+        }
+        Ok(assessment)
+    }
+
+    async fn subscribe(&mut self) -> Result<(), RedisError> {
+        let result = match &self.subscription {
+            Subscription::Channel(c) => timeout(self.read_timeout, self.conn.subscribe(c)).await,
+            Subscription::Pattern(p) => timeout(self.read_timeout, self.conn.psubscribe(p)).await,
+        };
+        match result {
+            Ok(Ok(())) => {
+                self.subscribed = true;
+                Ok(())
+            }
+            Ok(Err(e)) => Err(RedisError::new("heartbeat subscribe", e)),
+            Err(_) => Err(RedisError::timeout("heartbeat subscribe")),
+        }
+    }
+
+    /// Reads every known key in one round trip.
+    async fn read(&mut self) -> Result<Assessment, RedisError> {
+        if self.keys.is_empty() {
+            return Ok(probe::assess(&[], std::time::Instant::now()));
+        }
+        let mut invocation = self.script.prepare_invoke();
+        for key in &self.keys {
+            invocation.key(key);
+        }
+        let reply: Value = match timeout(
+            self.read_timeout,
+            invocation.invoke_async(&mut self.conn),
+        )
+        .await
+        {
+            Ok(Ok(v)) => v,
+            Ok(Err(e)) => return Err(RedisError::new("heartbeat read", e)),
+            Err(_) => return Err(RedisError::timeout("heartbeat read")),
+        };
+        let read_at = std::time::Instant::now();
+        let readings = probe::parse_reply(&reply, self.keys.len());
+        if matches!(self.subscription, Subscription::Pattern(_)) {
+            // Forget instances whose key is gone; events re-add them.
+            let gone: Vec<String> = self
+                .keys
+                .iter()
+                .zip(&readings)
+                .filter(|(_, r)| r.pttl_ms == -2)
+                .map(|(k, _)| k.clone())
+                .collect();
+            for key in gone {
+                self.keys.remove(&key);
+            }
+        }
+        Ok(probe::assess(&readings, read_at))
+    }
+
+    /// Scans for instance keys; returns whether new ones were found.
+    async fn discover_instances(&mut self) -> Result<bool, RedisError> {
+        let pattern = format!("{}*", self.state.target().instance_key_prefix());
+        let before = self.keys.len();
+        let mut cursor: u64 = 0;
+        loop {
+            let mut cmd = redis::cmd("SCAN");
+            cmd.arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(SCAN_COUNT);
+            let scan = cmd.query_async::<(u64, Vec<String>)>(&mut self.conn);
+            let (next, found) = match timeout(self.read_timeout, scan).await {
+                Ok(Ok(v)) => v,
+                Ok(Err(e)) => return Err(RedisError::new("instance discovery", e)),
+                Err(_) => return Err(RedisError::timeout("instance discovery")),
+            };
+            self.keys.extend(found);
+            cursor = next;
+            if cursor == 0 {
+                break;
+            }
+        }
+        Ok(self.keys.len() > before)
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic elsewhere while holding the lock leaves a plain map behind,
+    // still consistent: keep going rather than propagate the poison.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn read<T>(m: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    m.read().unwrap_or_else(|p| p.into_inner())
+}
+
+fn write<T>(m: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    m.write().unwrap_or_else(|p| p.into_inner())
+}
