@@ -255,7 +255,9 @@ mod tests {
 
     #[test]
     fn names_with_glob_braces_or_whitespace_are_refused() {
-        for bad in ["", "a*", "a?", "a[b]", "a\\b", "{a}", "a}", "a b", "a\tb", "a\nb"] {
+        for bad in [
+            "", "a*", "a?", "a[b]", "a\\b", "{a}", "a}", "a b", "a\tb", "a\nb",
+        ] {
             let err = Target::new(bad).unwrap_err();
             assert_eq!(err.kind(), NameKind::Target, "{bad:?}");
             assert_eq!(err.value(), bad);

@@ -72,7 +72,10 @@ async fn deleted_key_is_seen_down_and_set_key_up_within_50ms() {
     // the run while still failing a watcher that waits for reconciliation.
     let (up90, down90) = (percentile(&mut ups, 90), percentile(&mut downs, 90));
     assert!(up90 < REACTION, "set -> up p90 {up90:?}, samples {ups:?}");
-    assert!(down90 < REACTION, "del -> down p90 {down90:?}, samples {downs:?}");
+    assert!(
+        down90 < REACTION,
+        "del -> down p90 {down90:?}, samples {downs:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -98,11 +101,17 @@ async fn expired_key_is_seen_down_within_50ms_of_its_deadline() {
             .await
             .expect("down");
         let now = Instant::now();
-        assert!(now >= deadline - Duration::from_millis(5), "down before the TTL ran out");
+        assert!(
+            now >= deadline - Duration::from_millis(5),
+            "down before the TTL ran out"
+        );
         lateness.push(now - deadline);
     }
     let worst = percentile(&mut lateness, 100);
-    assert!(worst < REACTION, "seen down {worst:?} after the deadline: {lateness:?}");
+    assert!(
+        worst < REACTION,
+        "seen down {worst:?} after the deadline: {lateness:?}"
+    );
 }
 
 /// With a million volatile keys Redis may take minutes to notice that one of
@@ -153,7 +162,9 @@ async fn expiry_is_seen_at_the_deadline_among_a_million_volatile_keys() {
         .query(&mut conn)
         .unwrap();
     let deadline = Instant::now() + Duration::from_millis(500);
-    timeout(EVENTUALLY, view.wait_for(Health::Up)).await.unwrap();
+    timeout(EVENTUALLY, view.wait_for(Health::Up))
+        .await
+        .unwrap();
     timeout(EVENTUALLY, view.wait_for(Health::Down))
         .await
         .unwrap();
@@ -234,10 +245,17 @@ async fn reconciliation_alone_is_correct_when_notifications_are_off_and_config_i
         .query(&mut conn)
         .unwrap();
     let deadline = Instant::now() + Duration::from_millis(500);
-    timeout(EVENTUALLY, view.wait_for(Health::Up)).await.unwrap();
-    timeout(EVENTUALLY, view.wait_for(Health::Down)).await.unwrap();
+    timeout(EVENTUALLY, view.wait_for(Health::Up))
+        .await
+        .unwrap();
+    timeout(EVENTUALLY, view.wait_for(Health::Down))
+        .await
+        .unwrap();
     let late = Instant::now().saturating_duration_since(deadline);
-    assert!(late < REACTION, "expiry seen {late:?} late without notifications");
+    assert!(
+        late < REACTION,
+        "expiry seen {late:?} late without notifications"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -258,7 +276,11 @@ async fn notification_flags_are_turned_on_only_when_allowed() {
             == NotificationMode::ReconcileOnly)
         .await
     );
-    assert_eq!(flags(&server), "", "the watcher changed CONFIG without leave");
+    assert_eq!(
+        flags(&server),
+        "",
+        "the watcher changed CONFIG without leave"
+    );
 
     let allowed = Watcher::builder()
         .configure_notifications(true)
@@ -279,7 +301,9 @@ async fn notification_flags_are_turned_on_only_when_allowed() {
     let view = allowed.watch(&target).await;
     let mut conn = server.conn();
     let _: () = conn.set(target.heartbeat_key(), 1).unwrap();
-    timeout(EVENTUALLY, view.wait_for(Health::Up)).await.unwrap();
+    timeout(EVENTUALLY, view.wait_for(Health::Up))
+        .await
+        .unwrap();
     let down = reaction(&view, Health::Down, EVENTUALLY, || {
         let _: () = conn.del(target.heartbeat_key()).unwrap();
     })
@@ -304,9 +328,13 @@ async fn foreign_publishers_are_understood() {
         .arg(5000)
         .query(&mut conn)
         .unwrap();
-    timeout(EVENTUALLY, view.wait_for(Health::Up)).await.unwrap();
+    timeout(EVENTUALLY, view.wait_for(Health::Up))
+        .await
+        .unwrap();
     let _: () = conn.set_ex(plain.heartbeat_key(), "draining", 5).unwrap();
-    timeout(EVENTUALLY, view.wait_for(Health::Down)).await.unwrap();
+    timeout(EVENTUALLY, view.wait_for(Health::Down))
+        .await
+        .unwrap();
 
     // A hash written with HSET + PEXPIRE, with a status field.
     let hashed = Target::new("hashed").unwrap();
@@ -317,11 +345,17 @@ async fn foreign_publishers_are_understood() {
         .pexpire(&key, 5000)
         .query(&mut conn)
         .unwrap();
-    timeout(EVENTUALLY, view.wait_for(Health::Up)).await.unwrap();
+    timeout(EVENTUALLY, view.wait_for(Health::Up))
+        .await
+        .unwrap();
     let _: () = conn.hset(&key, "status", "draining").unwrap();
-    timeout(EVENTUALLY, view.wait_for(Health::Down)).await.unwrap();
+    timeout(EVENTUALLY, view.wait_for(Health::Down))
+        .await
+        .unwrap();
     let _: () = conn.hset(&key, "status", "up").unwrap();
-    timeout(EVENTUALLY, view.wait_for(Health::Up)).await.unwrap();
+    timeout(EVENTUALLY, view.wait_for(Health::Up))
+        .await
+        .unwrap();
 
     // An explicit key kept by another system, outside our layout.
     let legacy = Target::new("legacy")
@@ -331,7 +365,9 @@ async fn foreign_publishers_are_understood() {
     let view = watcher.watch(&legacy).await;
     assert_eq!(view.health(), Health::Down);
     let _: () = conn.set("legacy:payments:alive", "ok").unwrap();
-    timeout(EVENTUALLY, view.wait_for(Health::Up)).await.unwrap();
+    timeout(EVENTUALLY, view.wait_for(Health::Up))
+        .await
+        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -346,11 +382,12 @@ async fn heartbeat_writes_the_documented_hash_and_deletes_it_on_shutdown() {
         .start(server.client())
         .unwrap();
     assert_eq!(heartbeat.key(), "thb:{orders}:hb:pod-1");
-    timeout(EVENTUALLY, heartbeat.wait_published()).await.unwrap();
+    timeout(EVENTUALLY, heartbeat.wait_published())
+        .await
+        .unwrap();
 
     let mut conn = server.conn();
-    let fields: std::collections::HashMap<String, String> =
-        conn.hgetall(heartbeat.key()).unwrap();
+    let fields: std::collections::HashMap<String, String> = conn.hgetall(heartbeat.key()).unwrap();
     assert_eq!(fields["status"], "up");
     assert_eq!(fields["instance"], "pod-1");
     assert_eq!(fields["version"], "1.2.3");
@@ -379,7 +416,9 @@ async fn heartbeat_keeps_the_key_alive_and_the_watcher_sees_a_graceful_stop_at_o
         .ttl(Duration::from_millis(300))
         .start(server.client())
         .unwrap();
-    timeout(EVENTUALLY, view.wait_for(Health::Up)).await.unwrap();
+    timeout(EVENTUALLY, view.wait_for(Health::Up))
+        .await
+        .unwrap();
     let value: String = server.conn().get(target.heartbeat_key()).unwrap();
     assert_eq!(value, "1");
 
@@ -392,9 +431,14 @@ async fn heartbeat_keeps_the_key_alive_and_the_watcher_sees_a_graceful_stop_at_o
 
     let stop = Instant::now();
     heartbeat.shutdown().await.unwrap();
-    timeout(EVENTUALLY, view.wait_for(Health::Down)).await.unwrap();
+    timeout(EVENTUALLY, view.wait_for(Health::Down))
+        .await
+        .unwrap();
     let seen = stop.elapsed();
-    assert!(seen < REACTION + Duration::from_millis(20), "graceful stop seen after {seen:?}");
+    assert!(
+        seen < REACTION + Duration::from_millis(20),
+        "graceful stop seen after {seen:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -423,11 +467,17 @@ async fn multi_instance_target_is_up_while_any_instance_serves() {
     assert_eq!(view.health(), Health::Up);
 
     b.set_status(Status::Draining).await.unwrap();
-    timeout(EVENTUALLY, view.wait_for(Health::Down)).await.unwrap();
+    timeout(EVENTUALLY, view.wait_for(Health::Down))
+        .await
+        .unwrap();
     b.set_status(Status::Up).await.unwrap();
-    timeout(EVENTUALLY, view.wait_for(Health::Up)).await.unwrap();
+    timeout(EVENTUALLY, view.wait_for(Health::Up))
+        .await
+        .unwrap();
     b.shutdown().await.unwrap();
-    timeout(EVENTUALLY, view.wait_for(Health::Down)).await.unwrap();
+    timeout(EVENTUALLY, view.wait_for(Health::Down))
+        .await
+        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -438,9 +488,15 @@ async fn every_watch_of_a_target_shares_one_view() {
     let first = watcher.watch(&target).await;
     let second = watcher.clone().watch(&target).await;
     let _: () = server.conn().set(target.heartbeat_key(), 1).unwrap();
-    timeout(EVENTUALLY, first.wait_for(Health::Up)).await.unwrap();
+    timeout(EVENTUALLY, first.wait_for(Health::Up))
+        .await
+        .unwrap();
     assert_eq!(second.health(), Health::Up);
-    assert_eq!(server.command_calls("subscribe"), 1, "one subscription per target");
+    assert_eq!(
+        server.command_calls("subscribe"),
+        1,
+        "one subscription per target"
+    );
 }
 
 /// Reads the per-command call counts from `INFO commandstats`.
@@ -504,7 +560,9 @@ async fn redis_killed_and_restarted_watcher_and_publisher_recover_without_spinni
         .ttl(Duration::from_millis(600))
         .start(server.client())
         .unwrap();
-    timeout(EVENTUALLY, view.wait_for(Health::Up)).await.unwrap();
+    timeout(EVENTUALLY, view.wait_for(Health::Up))
+        .await
+        .unwrap();
 
     server.kill();
     assert!(wait_until(EVENTUALLY, || !view.redis_reachable()).await);
@@ -523,18 +581,29 @@ async fn redis_killed_and_restarted_watcher_and_publisher_recover_without_spinni
     assert!(wait_until(EVENTUALLY, || view.redis_reachable()).await);
     // The key's TTL ran out during the outage; the publisher rewrites it and
     // the view converges on up.
-    timeout(EVENTUALLY, view.wait_for(Health::Up)).await.unwrap();
+    timeout(EVENTUALLY, view.wait_for(Health::Up))
+        .await
+        .unwrap();
     // The publisher writes again: the key comes back with a fresh TTL.
     let mut conn = server.conn();
     assert!(
-        wait_until(EVENTUALLY, || conn.pttl::<_, i64>(target.heartbeat_key()).unwrap() > 0).await
+        wait_until(EVENTUALLY, || conn
+            .pttl::<_, i64>(target.heartbeat_key())
+            .unwrap()
+            > 0)
+        .await
     );
     // Notifications were resubscribed: a graceful stop is seen at once.
     let stop = Instant::now();
     heartbeat.shutdown().await.unwrap();
-    timeout(EVENTUALLY, view.wait_for(Health::Down)).await.unwrap();
+    timeout(EVENTUALLY, view.wait_for(Health::Down))
+        .await
+        .unwrap();
     let seen = stop.elapsed();
-    assert!(seen < Duration::from_millis(200), "after restart, stop seen in {seen:?}");
+    assert!(
+        seen < Duration::from_millis(200),
+        "after restart, stop seen in {seen:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -549,7 +618,9 @@ async fn paused_redis_holds_the_view_then_converges() {
         .arg(400)
         .query(&mut server.conn())
         .unwrap();
-    timeout(EVENTUALLY, view.wait_for(Health::Up)).await.unwrap();
+    timeout(EVENTUALLY, view.wait_for(Health::Up))
+        .await
+        .unwrap();
 
     server.pause();
     // The deadline passes while Redis is frozen: the confirming read times
@@ -558,7 +629,9 @@ async fn paused_redis_holds_the_view_then_converges() {
     assert_eq!(view.health(), Health::Up);
     server.resume();
     // Redis answers again: the key is expired there, and the view agrees.
-    timeout(EVENTUALLY, view.wait_for(Health::Down)).await.unwrap();
+    timeout(EVENTUALLY, view.wait_for(Health::Down))
+        .await
+        .unwrap();
     assert!(wait_until(EVENTUALLY, || view.redis_reachable()).await);
 }
 
@@ -575,7 +648,9 @@ async fn watcher_started_while_redis_is_down_catches_up() {
     assert!(!view.redis_reachable());
 
     server.restart();
-    timeout(EVENTUALLY, view.wait_for(Health::Up)).await.unwrap();
+    timeout(EVENTUALLY, view.wait_for(Health::Up))
+        .await
+        .unwrap();
     assert!(view.redis_reachable());
     // And its notifications work: the subscription was made late.
     let down = reaction(&view, Health::Down, EVENTUALLY, || {

@@ -12,7 +12,11 @@ fn get(conn: &mut redis::Connection, key: &str) -> redis::RedisResult<Option<Str
 }
 
 fn set(conn: &mut redis::Connection, key: &str, value: &str) {
-    redis::cmd("SET").arg(key).arg(value).query::<()>(conn).expect("SET");
+    redis::cmd("SET")
+        .arg(key)
+        .arg(value)
+        .query::<()>(conn)
+        .expect("SET");
 }
 
 fn config_get(conn: &mut redis::Connection, name: &str) -> redis::RedisResult<Vec<String>> {
@@ -23,7 +27,10 @@ fn config_get(conn: &mut redis::Connection, name: &str) -> redis::RedisResult<Ve
 fn starts_private_server_on_loopback() {
     let server = RedisServer::start();
     assert_ne!(server.port(), 6379);
-    assert_eq!(server.url(), format!("redis://127.0.0.1:{}/", server.port()));
+    assert_eq!(
+        server.url(),
+        format!("redis://127.0.0.1:{}/", server.port())
+    );
     assert!(server.is_running());
     assert!(server.dir().join("redis.conf").is_file());
 
@@ -33,8 +40,14 @@ fn starts_private_server_on_loopback() {
 
     // It really is a fresh, private server: our process, only our key.
     let info: String = redis::cmd("INFO").arg("server").query(&mut conn).unwrap();
-    assert!(info.contains(&format!("process_id:{}", server.pid().unwrap())), "{info}");
-    assert!(info.contains(&format!("tcp_port:{}", server.port())), "{info}");
+    assert!(
+        info.contains(&format!("process_id:{}", server.pid().unwrap())),
+        "{info}"
+    );
+    assert!(
+        info.contains(&format!("tcp_port:{}", server.port())),
+        "{info}"
+    );
     let dbsize: u64 = redis::cmd("DBSIZE").query(&mut conn).unwrap();
     assert_eq!(dbsize, 1);
     let save = config_get(&mut conn, "save").unwrap();
@@ -49,14 +62,22 @@ fn kill_then_restart_keeps_acked_writes_via_aof() {
     for i in 0..100 {
         set(&mut conn, &format!("key:{i}"), &format!("value:{i}"));
     }
-    redis::cmd("RPUSH").arg("list").arg(&["a", "b", "c"]).query::<()>(&mut conn).unwrap();
+    redis::cmd("RPUSH")
+        .arg("list")
+        .arg(&["a", "b", "c"])
+        .query::<()>(&mut conn)
+        .unwrap();
 
     server.kill();
     assert!(!server.is_running());
     server.kill(); // idempotent
     let err = get(&mut conn, "key:1").expect_err("old connection must fail after kill");
     assert!(err.is_io_error() || err.is_connection_dropped(), "{err:?}");
-    let refused = server.client().get_connection().err().expect("new connection must fail");
+    let refused = server
+        .client()
+        .get_connection()
+        .err()
+        .expect("new connection must fail");
     assert!(refused.is_connection_refusal(), "{refused:?}");
 
     server.restart();
@@ -64,15 +85,26 @@ fn kill_then_restart_keeps_acked_writes_via_aof() {
     assert_eq!(server.port(), port, "restart keeps the port");
     let mut conn = server.conn();
     for i in 0..100 {
-        assert_eq!(get(&mut conn, &format!("key:{i}")).unwrap(), Some(format!("value:{i}")));
+        assert_eq!(
+            get(&mut conn, &format!("key:{i}")).unwrap(),
+            Some(format!("value:{i}"))
+        );
     }
-    let list: Vec<String> = redis::cmd("LRANGE").arg("list").arg(0).arg(-1).query(&mut conn).unwrap();
+    let list: Vec<String> = redis::cmd("LRANGE")
+        .arg("list")
+        .arg(0)
+        .arg(-1)
+        .query(&mut conn)
+        .unwrap();
     assert_eq!(list, ["a", "b", "c"]);
 
     // restart() while running also works (kills first).
     set(&mut conn, "after", "restart");
     server.restart();
-    assert_eq!(get(&mut server.conn(), "after").unwrap().as_deref(), Some("restart"));
+    assert_eq!(
+        get(&mut server.conn(), "after").unwrap().as_deref(),
+        Some("restart")
+    );
 }
 
 #[test]
@@ -91,16 +123,22 @@ fn pause_makes_commands_time_out_and_resume_recovers() {
 
     server.pause();
     assert!(server.is_running(), "a paused server is still running");
-    conn.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    conn.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
     let started = Instant::now();
     let err = get(&mut conn, "k").expect_err("paused server must not answer");
     assert!(err.is_timeout(), "{err:?}");
-    assert!(started.elapsed() >= Duration::from_millis(190), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() >= Duration::from_millis(190),
+        "{:?}",
+        started.elapsed()
+    );
 
     server.resume();
     // The timed-out connection may still have a stale reply in flight: use a new one.
     let mut conn = server.conn();
-    conn.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    conn.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
     assert_eq!(get(&mut conn, "k").unwrap().as_deref(), Some("v"));
 }
 
@@ -120,7 +158,10 @@ fn config_disabled_makes_config_an_unknown_command() {
     let server = RedisServer::start_with(RedisOptions::new().config_disabled(true));
     let mut conn = server.conn();
     let err = config_get(&mut conn, "notify-keyspace-events").expect_err("CONFIG must be disabled");
-    assert!(err.to_string().to_lowercase().contains("unknown command"), "{err}");
+    assert!(
+        err.to_string().to_lowercase().contains("unknown command"),
+        "{err}"
+    );
     // The harness itself does not need CONFIG.
     set(&mut conn, "k", "v");
     assert!(server.command_calls("set") >= 1);
@@ -146,14 +187,24 @@ fn default_notifications_are_on_and_none_leaves_them_off() {
 #[test]
 fn debug_command_and_extra_options() {
     let server = RedisServer::start();
-    let err = redis::cmd("DEBUG").arg("SLEEP").arg(0).query::<()>(&mut server.conn());
+    let err = redis::cmd("DEBUG")
+        .arg("SLEEP")
+        .arg(0)
+        .query::<()>(&mut server.conn());
     assert!(err.is_err(), "DEBUG is disabled by default");
 
     let server = RedisServer::start_with(
-        RedisOptions::new().debug_command(true).extra("maxmemory", "10mb").extra("hz", "50"),
+        RedisOptions::new()
+            .debug_command(true)
+            .extra("maxmemory", "10mb")
+            .extra("hz", "50"),
     );
     let mut conn = server.conn();
-    redis::cmd("DEBUG").arg("SLEEP").arg(0).query::<()>(&mut conn).unwrap();
+    redis::cmd("DEBUG")
+        .arg("SLEEP")
+        .arg(0)
+        .query::<()>(&mut conn)
+        .unwrap();
     assert_eq!(config_get(&mut conn, "maxmemory").unwrap()[1], "10485760");
     assert_eq!(config_get(&mut conn, "hz").unwrap()[1], "50");
 }
@@ -175,7 +226,6 @@ fn command_calls_and_total_commands_processed() {
     // 5 SET + 1 GET + the 5 helper INFOs since `before` was read (its own
     // INFO included; the final INFO doing the read is not counted yet).
     assert_eq!(server.total_commands_processed() - before, 6 + 5);
-
 }
 
 #[tokio::test]
@@ -186,21 +236,40 @@ async fn wait_until_polls_until_true_or_timeout() {
 
     let writer = tokio::spawn(async move {
         tokio::time::sleep(Duration::from_millis(50)).await;
-        redis::cmd("SET").arg("flag").arg("1").query_async::<()>(&mut async_conn).await.unwrap();
+        redis::cmd("SET")
+            .arg("flag")
+            .arg("1")
+            .query_async::<()>(&mut async_conn)
+            .await
+            .unwrap();
     });
     let mut conn = server.conn();
     let started = Instant::now();
-    assert!(wait_until(Duration::from_secs(5), || get(&mut conn, "flag").unwrap().is_some()).await);
+    assert!(
+        wait_until(Duration::from_secs(5), || get(&mut conn, "flag")
+            .unwrap()
+            .is_some())
+        .await
+    );
     assert!(started.elapsed() >= Duration::from_millis(40));
     writer.await.unwrap();
 
     let started = Instant::now();
     assert!(!wait_until(Duration::from_millis(100), || false).await);
     let elapsed = started.elapsed();
-    assert!(elapsed >= Duration::from_millis(100) && elapsed < Duration::from_secs(2), "{elapsed:?}");
+    assert!(
+        elapsed >= Duration::from_millis(100) && elapsed < Duration::from_secs(2),
+        "{elapsed:?}"
+    );
 
     let mut calls = 0;
-    assert!(wait_until(Duration::from_millis(100), || { calls += 1; calls == 3 }).await);
+    assert!(
+        wait_until(Duration::from_millis(100), || {
+            calls += 1;
+            calls == 3
+        })
+        .await
+    );
 }
 
 #[test]
@@ -217,11 +286,10 @@ fn drop_kills_and_cleans_up() {
 
 #[test]
 fn many_servers_in_parallel_get_distinct_ports() {
-    let servers: Vec<RedisServer> =
-        std::thread::scope(|s| {
-            let handles: Vec<_> = (0..8).map(|_| s.spawn(RedisServer::start)).collect();
-            handles.into_iter().map(|h| h.join().unwrap()).collect()
-        });
+    let servers: Vec<RedisServer> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..8).map(|_| s.spawn(RedisServer::start)).collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
     let mut ports: Vec<u16> = servers.iter().map(RedisServer::port).collect();
     ports.sort_unstable();
     ports.dedup();
@@ -240,14 +308,19 @@ fn restart_waits_for_a_briefly_busy_port() {
     set(&mut server.conn(), "k", "v");
     server.kill();
     // Someone else holds the port for a moment; restart() keeps retrying.
-    let blocker = std::net::TcpListener::bind(("127.0.0.1", server.port())).expect("bind freed port");
+    let blocker =
+        std::net::TcpListener::bind(("127.0.0.1", server.port())).expect("bind freed port");
     let release = std::thread::spawn(move || {
         std::thread::sleep(Duration::from_millis(300));
         drop(blocker);
     });
     let started = Instant::now();
     server.restart();
-    assert!(started.elapsed() >= Duration::from_millis(250), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() >= Duration::from_millis(250),
+        "{:?}",
+        started.elapsed()
+    );
     release.join().unwrap();
     assert_eq!(get(&mut server.conn(), "k").unwrap().as_deref(), Some("v"));
 }

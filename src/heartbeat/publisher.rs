@@ -187,10 +187,17 @@ impl HeartbeatBuilder {
         });
         let (stop_tx, stop_rx) = watch::channel(false);
         let (published_tx, published) = watch::channel(false);
-        let span = tracing::debug_span!("heartbeat", target = %self.target, key = %shared.writer.key);
+        let span =
+            tracing::debug_span!("heartbeat", target = %self.target, key = %shared.writer.key);
         let task = tokio::spawn(
-            refresh_loop(conn.clone(), Arc::clone(&shared), interval, stop_rx, published_tx)
-                .instrument(span),
+            refresh_loop(
+                conn.clone(),
+                Arc::clone(&shared),
+                interval,
+                stop_rx,
+                published_tx,
+            )
+            .instrument(span),
         );
         Ok(Heartbeat {
             target: self.target,
@@ -300,7 +307,12 @@ impl Heartbeat {
         }
         let mut conn = self.conn.clone();
         let key = self.shared.writer.key.clone();
-        match timeout(WRITE_TIMEOUT, redis::cmd("DEL").arg(&key).exec_async(&mut conn)).await {
+        match timeout(
+            WRITE_TIMEOUT,
+            redis::cmd("DEL").arg(&key).exec_async(&mut conn),
+        )
+        .await
+        {
             Ok(Ok(())) => {
                 info!(target = %self.target, %key, "heartbeat deleted");
                 Ok(())
@@ -356,7 +368,11 @@ impl Writer {
         let ttl_ms = self.ttl_ms();
         let result = match self.format {
             HeartbeatFormat::Marker => {
-                let value = if status == Status::Up { "1" } else { status.as_str() };
+                let value = if status == Status::Up {
+                    "1"
+                } else {
+                    status.as_str()
+                };
                 let cmd = redis::cmd("SET")
                     .arg(&self.key)
                     .arg(value)

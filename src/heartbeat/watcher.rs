@@ -239,10 +239,9 @@ impl Watcher {
         let target = state.target().clone();
         let channel_prefix = format!("__keyspace@{}__:", self.inner.db);
         let subscription = match target.heartbeat_source() {
-            HeartbeatSource::Instances => Subscription::Pattern(format!(
-                "{channel_prefix}{}*",
-                target.instance_key_prefix()
-            )),
+            HeartbeatSource::Instances => {
+                Subscription::Pattern(format!("{channel_prefix}{}*", target.instance_key_prefix()))
+            }
             _ => Subscription::Channel(format!("{channel_prefix}{}", target.heartbeat_key())),
         };
         let keys = match target.heartbeat_source() {
@@ -569,16 +568,12 @@ impl TargetTask {
         for key in &self.keys {
             invocation.key(key);
         }
-        let reply: Value = match timeout(
-            self.read_timeout,
-            invocation.invoke_async(&mut self.conn),
-        )
-        .await
-        {
-            Ok(Ok(v)) => v,
-            Ok(Err(e)) => return Err(RedisError::new("heartbeat read", e)),
-            Err(_) => return Err(RedisError::timeout("heartbeat read")),
-        };
+        let reply: Value =
+            match timeout(self.read_timeout, invocation.invoke_async(&mut self.conn)).await {
+                Ok(Ok(v)) => v,
+                Ok(Err(e)) => return Err(RedisError::new("heartbeat read", e)),
+                Err(_) => return Err(RedisError::timeout("heartbeat read")),
+            };
         let read_at = std::time::Instant::now();
         let readings = probe::parse_reply(&reply, self.keys.len());
         if matches!(self.subscription, Subscription::Pattern(_)) {

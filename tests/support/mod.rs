@@ -48,7 +48,10 @@ pub fn redis_server_bin() -> PathBuf {
         if bin.is_file() {
             return bin;
         }
-        panic!("REDIS_SERVER_BIN={} is not a file. {REDIS_NOT_FOUND}", bin.display());
+        panic!(
+            "REDIS_SERVER_BIN={} is not a file. {REDIS_NOT_FOUND}",
+            bin.display()
+        );
     }
     if let Some(path) = std::env::var_os("PATH") {
         for dir in std::env::split_paths(&path) {

@@ -75,15 +75,21 @@ impl RedisOptions {
                 panic!("RedisOptions::extra: `{name}` is managed by the test harness and cannot be overridden");
             }
         }
-        let overridden =
-            |name: &str| self.extra.iter().any(|(n, _)| n.trim().eq_ignore_ascii_case(name));
+        let overridden = |name: &str| {
+            self.extra
+                .iter()
+                .any(|(n, _)| n.trim().eq_ignore_ascii_case(name))
+        };
 
         let mut lines: Vec<(String, String)> = vec![
             ("bind".into(), "127.0.0.1".into()),
             ("port".into(), port.to_string()),
             ("daemonize".into(), "no".into()),
             ("dir".into(), dir.display().to_string()),
-            ("logfile".into(), dir.join("redis.log").display().to_string()),
+            (
+                "logfile".into(),
+                dir.join("redis.log").display().to_string(),
+            ),
         ];
         let mut defaults: Vec<(&str, String)> = vec![("save", String::new())];
         if self.appendonly {
@@ -113,7 +119,11 @@ impl RedisOptions {
         // Extra values are written verbatim (the caller quotes if needed, e.g.
         // `extra("rename-command", "FLUSHALL \"\"")`); only "" becomes `""`.
         for (name, value) in &self.extra {
-            let value = if value.is_empty() { "\"\"" } else { value.as_str() };
+            let value = if value.is_empty() {
+                "\"\""
+            } else {
+                value.as_str()
+            };
             conf.push_str(&format!("{} {value}\n", name.trim()));
         }
         if self.config_disabled {

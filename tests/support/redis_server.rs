@@ -64,7 +64,10 @@ impl RedisServer {
             .prefix(DIR_PREFIX)
             .tempdir()
             .unwrap_or_else(|e| panic!("test redis-server: cannot create temp dir: {e}"));
-        write_file(&dir.path().join(OWNER_PID_FILE), &std::process::id().to_string());
+        write_file(
+            &dir.path().join(OWNER_PID_FILE),
+            &std::process::id().to_string(),
+        );
         let conf_path = dir.path().join(CONF_FILE);
 
         let mut last_error = String::new();
@@ -109,7 +112,10 @@ impl RedisServer {
         self.client()
             .get_connection_with_timeout(Duration::from_secs(5))
             .unwrap_or_else(|e| {
-                panic!("test redis-server on port {}: cannot connect: {e}", self.port)
+                panic!(
+                    "test redis-server on port {}: cannot connect: {e}",
+                    self.port
+                )
             })
     }
 
@@ -299,7 +305,9 @@ fn kill_and_reap(child: &mut Child) {
 /// Spawns `redis-server <conf>` and waits until it answers PING (and is really
 /// our process), the process exits, or READY_TIMEOUT passes.
 fn launch(bin: &Path, conf: &Path, dir: &Path, port: u16) -> Launch {
-    let log_offset = fs::metadata(dir.join(LOG_FILE)).map(|m| m.len()).unwrap_or(0);
+    let log_offset = fs::metadata(dir.join(LOG_FILE))
+        .map(|m| m.len())
+        .unwrap_or(0);
     let stdio = OpenOptions::new()
         .create(true)
         .append(true)
@@ -427,7 +435,10 @@ fn signal(pid: u32, sig: &str) {
                 .status()
         })
         .unwrap_or_else(|e| panic!("test redis-server: cannot run `kill -s {sig} {pid}`: {e}"));
-    assert!(status.success(), "test redis-server: `kill -s {sig} {pid}` failed: {status}");
+    assert!(
+        status.success(),
+        "test redis-server: `kill -s {sig} {pid}` failed: {status}"
+    );
 }
 
 /// Process state letter from /proc/<pid>/stat (Linux only; None elsewhere).
