@@ -6,8 +6,9 @@ use redis::Value;
 
 /// `K`: keyspace channel; `g`: DEL/EXPIRE/RENAME; `$`: SET; `x`: expired.
 const REQUIRED: &str = "Kg$x";
-/// `h`: hash heartbeats (HSET status=draining); `e`: evictions.
-const RECOMMENDED: &str = "he";
+/// `h`: hash heartbeats (HSET status=draining); `e`: evictions; `t`: stream
+/// appends and deletions on the buffer, which strict ordering follows.
+const RECOMMENDED: &str = "het";
 /// Classes that the alias `A` stands for.
 const ALIAS_A: &str = "g$lshzxetd";
 
@@ -148,8 +149,10 @@ mod tests {
         assert_eq!(mode_for("Ex"), NotificationMode::ReconcileOnly);
         assert_eq!(mode_for("Kg$x"), NotificationMode::Partial);
         assert_eq!(mode_for("KA"), NotificationMode::Notifications);
-        assert_eq!(mode_for("xeKhg$"), NotificationMode::Notifications);
+        assert_eq!(mode_for("xeKhg$t"), NotificationMode::Notifications);
         assert_eq!(missing("KEg", "Kg$xhe"), "$xhe");
+        assert_eq!(mode_for("Kg$xhe"), NotificationMode::Partial);
+        assert_eq!(mode_for("Kg$xhet"), NotificationMode::Notifications);
         assert_eq!(missing("AK", "Kg$xhe"), "");
     }
 

@@ -1,7 +1,7 @@
 //! The shared, always-current view of one target's health.
 
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 
 use tokio::sync::watch;
@@ -84,6 +84,32 @@ impl TargetView {
         self.state.health.load(Ordering::Acquire) == Health::Up.to_u8()
     }
 
+    /// How many requests wait in the target's buffer (`ns:{t}:queue`), as
+    /// last seen; `None` before the first reading. One atomic load.
+    ///
+    /// Kept current by keyspace notifications on the queue key (flag `t`),
+    /// by this process's own enqueues, and by reconciliation.
+    #[inline]
+    pub fn backlog(&self) -> Option<u64> {
+        match self.state.backlog.load(Ordering::Acquire) {
+            UNKNOWN_BACKLOG => None,
+            n => Some(n),
+        }
+    }
+
+    /// How many times the target has turned up since it was first watched:
+    /// a new value means a new life (restart, return after an outage), so
+    /// local suspicion from an earlier life can be dropped.
+    #[inline]
+    pub fn up_generation(&self) -> u64 {
+        self.state.up_generation.load(Ordering::Acquire)
+    }
+
+    /// Records the queue length that an enqueue by this process returned.
+    pub(crate) fn note_backlog(&self, len: u64) {
+        self.state.set_backlog(len);
+    }
+
     /// Whether the last attempt to read the heartbeat from Redis succeeded.
     ///
     /// While Redis is unreachable the view holds its last known health: the
@@ -119,6 +145,7 @@ impl fmt::Debug for TargetView {
             .field("target", &self.state.target.name())
             .field("health", &self.health())
             .field("redis_reachable", &self.redis_reachable())
+            .field("backlog", &self.backlog())
             .finish()
     }
 }
@@ -128,8 +155,12 @@ pub(crate) struct ViewState {
     target: Target,
     health: AtomicU8,
     reachable: AtomicBool,
+    backlog: AtomicU64,
+    up_generation: AtomicU64,
     changes: watch::Sender<Health>,
 }
+
+const UNKNOWN_BACKLOG: u64 = u64::MAX;
 
 impl ViewState {
     pub(crate) fn new(target: Target) -> Self {
@@ -137,6 +168,8 @@ impl ViewState {
             target,
             health: AtomicU8::new(Health::Unknown.to_u8()),
             reachable: AtomicBool::new(false),
+            backlog: AtomicU64::new(UNKNOWN_BACKLOG),
+            up_generation: AtomicU64::new(0),
             changes: watch::Sender::new(Health::Unknown),
         }
     }
@@ -151,8 +184,22 @@ impl ViewState {
         if previous == health.to_u8() {
             return false;
         }
+        if health == Health::Up {
+            self.up_generation.fetch_add(1, Ordering::AcqRel);
+        }
         self.changes.send_replace(health);
         true
+    }
+
+    pub(crate) fn backlog(&self) -> Option<u64> {
+        match self.backlog.load(Ordering::Acquire) {
+            UNKNOWN_BACKLOG => None,
+            n => Some(n),
+        }
+    }
+
+    pub(crate) fn set_backlog(&self, len: u64) {
+        self.backlog.store(len.min(UNKNOWN_BACKLOG - 1), Ordering::Release);
     }
 
     pub(crate) fn set_reachable(&self, reachable: bool) -> bool {

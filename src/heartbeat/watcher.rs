@@ -248,10 +248,12 @@ impl Watcher {
             HeartbeatSource::Instances => BTreeSet::new(),
             _ => BTreeSet::from([target.heartbeat_key()]),
         };
+        let queue_key = target.queue_key();
+        let queue_channel = format!("{channel_prefix}{queue_key}");
         let (hints_tx, hints) = mpsc::unbounded_channel();
-        self.inner
-            .router
-            .add(subscription.route(), channel_prefix.clone(), hints_tx);
+        let router = &self.inner.router;
+        router.add(subscription.route(), channel_prefix.clone(), hints_tx.clone());
+        router.add(format!("c:{queue_channel}"), channel_prefix.clone(), hints_tx);
         let (ready_tx, ready) = oneshot::channel();
         let task = TargetTask {
             conn: self.inner.conn.clone(),
@@ -260,6 +262,12 @@ impl Watcher {
             subscription,
             subscribed: false,
             keys,
+            queue_key,
+            queue_channel,
+            heartbeat_dirty: true,
+            queue_dirty: true,
+            queue_type_warned: false,
+            last: probe::assess(&[], std::time::Instant::now()),
             reconcile_interval: self.inner.config.reconcile_interval,
             read_timeout: self.inner.config.read_timeout,
             hints,
@@ -286,8 +294,8 @@ impl fmt::Debug for Watcher {
 /// A hint for a target's task: something may have changed.
 #[derive(Debug)]
 enum Hint {
-    /// A keyspace event on `key`.
-    Event { key: String },
+    /// A keyspace event (`set`, `del`, `xadd`, ...) on `key`.
+    Event { key: String, event: String },
     /// The connection was re-established (or the server's notification
     /// setup re-checked): re-read everything.
     Resync,
@@ -307,10 +315,12 @@ impl Router {
     }
 
     fn dispatch(&self, push: PushInfo) {
-        let (route, channel) = match (&push.kind, push.data.as_slice()) {
-            (PushKind::Message, [channel, ..]) => (format!("c:{}", text(channel)), text(channel)),
-            (PushKind::PMessage, [pattern, channel, ..]) => {
-                (format!("p:{}", text(pattern)), text(channel))
+        let (route, channel, event) = match (&push.kind, push.data.as_slice()) {
+            (PushKind::Message, [channel, event, ..]) => {
+                (format!("c:{}", text(channel)), text(channel), text(event))
+            }
+            (PushKind::PMessage, [pattern, channel, event, ..]) => {
+                (format!("p:{}", text(pattern)), text(channel), text(event))
             }
             (PushKind::Disconnection, _) => {
                 let _ = self.disconnects.send(());
@@ -323,6 +333,7 @@ impl Router {
             let key = channel.strip_prefix(prefix.as_str()).unwrap_or(&channel);
             let _ = tx.send(Hint::Event {
                 key: key.to_owned(),
+                event,
             });
         }
     }
@@ -426,6 +437,14 @@ struct TargetTask {
     subscribed: bool,
     /// Heartbeat keys known to exist (multi-instance) or the one key.
     keys: BTreeSet<String>,
+    /// The target's buffer, whose length strict ordering needs.
+    queue_key: String,
+    queue_channel: String,
+    heartbeat_dirty: bool,
+    queue_dirty: bool,
+    queue_type_warned: bool,
+    /// The verdict of the last heartbeat read.
+    last: Assessment,
     reconcile_interval: Duration,
     read_timeout: Duration,
     hints: mpsc::UnboundedReceiver<Hint>,
@@ -472,6 +491,8 @@ impl TargetTask {
             }
             discover = false;
 
+            self.heartbeat_dirty = false;
+            self.queue_dirty = false;
             let wake_at = schedule
                 .retry_at
                 .unwrap_or(schedule.next_reconcile)
@@ -493,11 +514,15 @@ impl TargetTask {
                             _ = sleep_until(retry_at) => {}
                             _ = self.shutdown.changed() => return,
                         }
+                        self.heartbeat_dirty = true;
+                        self.queue_dirty = true;
                     }
                 }
                 _ = sleep_until(wake_at) => {
+                    self.heartbeat_dirty = true;
                     if Instant::now() >= schedule.next_reconcile {
                         discover = true;
+                        self.queue_dirty = true;
                     }
                 }
             }
@@ -507,14 +532,27 @@ impl TargetTask {
     /// Takes in a hint; returns whether instance keys should be rediscovered.
     fn absorb(&mut self, hint: Hint) -> bool {
         match hint {
-            Hint::Event { key } => {
-                trace!(%key, "keyspace event");
-                if matches!(self.subscription, Subscription::Pattern(_)) {
-                    self.keys.insert(key);
+            Hint::Event { key, event } => {
+                trace!(%key, %event, "keyspace event");
+                if key == self.queue_key {
+                    // An append cannot empty a queue we know to be non-empty;
+                    // anything else (xdel, xtrim, del, ...) may change the
+                    // answer that strict ordering depends on.
+                    let known_busy = self.state.backlog().is_some_and(|n| n > 0);
+                    self.queue_dirty |= !(event == "xadd" && known_busy);
+                } else {
+                    if matches!(self.subscription, Subscription::Pattern(_)) {
+                        self.keys.insert(key);
+                    }
+                    self.heartbeat_dirty = true;
                 }
                 false
             }
-            Hint::Resync => true,
+            Hint::Resync => {
+                self.heartbeat_dirty = true;
+                self.queue_dirty = true;
+                true
+            }
         }
     }
 
@@ -522,6 +560,12 @@ impl TargetTask {
     async fn refresh(&mut self, discover: bool) -> Result<Assessment, RedisError> {
         if !self.subscribed {
             self.subscribe().await?;
+        }
+        if self.queue_dirty {
+            self.read_backlog().await?;
+        }
+        if !self.heartbeat_dirty && !discover {
+            return Ok(self.last);
         }
         let multi_instance = matches!(self.subscription, Subscription::Pattern(_));
         if multi_instance && discover {
@@ -541,15 +585,50 @@ impl TargetTask {
         if self.state.set_health(assessment.health) {
             debug!(health = %assessment.health, serving = assessment.serving, "target health changed");
         }
+        self.last = assessment;
         Ok(assessment)
     }
 
+    /// Reads the queue's length for strict ordering.
+    async fn read_backlog(&mut self) -> Result<(), RedisError> {
+        let mut cmd = redis::cmd("XLEN");
+        cmd.arg(&self.queue_key);
+        let xlen = cmd.query_async::<u64>(&mut self.conn);
+        match timeout(self.read_timeout, xlen).await {
+            Ok(Ok(len)) => {
+                self.state.set_backlog(len);
+                Ok(())
+            }
+            Ok(Err(e)) if notifications::is_transient(&e) => {
+                Err(RedisError::new("queue length read", e))
+            }
+            Ok(Err(e)) => {
+                // Not a stream (someone wrote something else there): the
+                // buffer will report it when it writes; do not stop watching.
+                if !std::mem::replace(&mut self.queue_type_warned, true) {
+                    warn!(key = %self.queue_key, error = %e, "cannot read the queue length");
+                }
+                Ok(())
+            }
+            Err(_) => Err(RedisError::timeout("queue length read")),
+        }
+    }
+
     async fn subscribe(&mut self) -> Result<(), RedisError> {
-        let result = match &self.subscription {
-            Subscription::Channel(c) => timeout(self.read_timeout, self.conn.subscribe(c)).await,
-            Subscription::Pattern(p) => timeout(self.read_timeout, self.conn.psubscribe(p)).await,
+        let mut conn = self.conn.clone();
+        let both = async {
+            match &self.subscription {
+                Subscription::Channel(c) => {
+                    conn.subscribe(&[c.as_str(), self.queue_channel.as_str()])
+                        .await
+                }
+                Subscription::Pattern(p) => {
+                    conn.psubscribe(p).await?;
+                    conn.subscribe(&self.queue_channel).await
+                }
+            }
         };
-        match result {
+        match timeout(self.read_timeout, both).await {
             Ok(Ok(())) => {
                 self.subscribed = true;
                 Ok(())
