@@ -33,6 +33,9 @@ mod redis_server;
 pub use options::RedisOptions;
 pub use redis_server::RedisServer;
 
+mod http_target;
+pub use http_target::*;
+
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
