@@ -144,3 +144,31 @@ impl std::error::Error for RedisError {
             .map(|e| e as &(dyn std::error::Error + 'static))
     }
 }
+
+/// A stored entry that cannot be decoded: a later encoding version, or bytes
+/// written into the queue by something else.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MalformedEntry {
+    reason: String,
+}
+
+impl MalformedEntry {
+    pub(crate) fn new(reason: impl Into<String>) -> Self {
+        Self {
+            reason: reason.into(),
+        }
+    }
+
+    /// Why it was refused.
+    pub fn reason(&self) -> &str {
+        &self.reason
+    }
+}
+
+impl fmt::Display for MalformedEntry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "malformed buffer entry: {}", self.reason)
+    }
+}
+
+impl std::error::Error for MalformedEntry {}

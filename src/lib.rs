@@ -42,11 +42,28 @@
 #![deny(missing_docs)]
 #![warn(missing_debug_implementations, rust_2018_idioms, unreachable_pub)]
 
+mod body;
+mod breaker;
+pub mod envelope;
 pub mod error;
+mod future;
 pub mod heartbeat;
+mod layer;
+mod outcome;
+pub mod policy;
+mod queue;
+mod service;
 pub mod target;
 
-pub use error::{InvalidConfig, InvalidName, NameKind, RedisError};
+pub use body::{BoxError, RequestBody, ResponseBody};
+pub use error::{InvalidConfig, InvalidName, MalformedEntry, NameKind, RedisError};
+pub use future::ResponseFuture;
+pub use layer::{
+    DeliveryOrder, HeartbeatBufferBuilder, HeartbeatBufferLayer, NoFallback, WithFallback,
+    DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_QUEUE_LEN,
+};
+pub use outcome::{Buffered, Unavailable, UnavailableReason};
+pub use service::HeartbeatBuffer;
 pub use heartbeat::{
     Health, Heartbeat, HeartbeatBuilder, HeartbeatFormat, NotificationMode, Status, TargetView,
     Watcher, WatcherBuilder,

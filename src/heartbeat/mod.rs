@@ -30,7 +30,7 @@
 //! `draining` or `down` counts as that status too. A key without a TTL
 //! counts as alive until deleted.
 
-mod notifications;
+pub(crate) mod notifications;
 mod probe;
 mod publisher;
 mod view;

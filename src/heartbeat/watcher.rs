@@ -118,6 +118,9 @@ pub struct Watcher {
 }
 
 struct WatcherInner {
+    /// The caller's client, as given (other parts of the crate open their
+    /// own connections from it).
+    client: redis::Client,
     conn: ConnectionManager,
     config: WatcherBuilder,
     db: i64,
@@ -149,6 +152,7 @@ impl Watcher {
         // Notifications arrive as RESP3 pushes on the same multiplexed
         // connection that reads the keys; the manager reconnects and
         // resubscribes by itself, and tells us of each disconnection.
+        let original = client.clone();
         let info = client.get_connection_info().clone();
         let db = info.redis_settings().db();
         let settings = info
@@ -193,6 +197,7 @@ impl Watcher {
 
         Ok(Watcher {
             inner: Arc::new(WatcherInner {
+                client: original,
                 conn,
                 config,
                 db,
@@ -228,6 +233,11 @@ impl Watcher {
             let _ = timeout(bound, first_read).await;
         }
         TargetView::new(state, Arc::clone(&self.inner) as Arc<dyn Send + Sync>)
+    }
+
+    /// The client this watcher was started with.
+    pub(crate) fn client(&self) -> redis::Client {
+        self.inner.client.clone()
     }
 
     /// How this watcher currently learns of changes.
