@@ -157,7 +157,9 @@ impl Envelope {
         }
         let id = text(field(id, "id")?, "id")?;
         if id.is_empty() || HeaderValue::from_str(id).is_err() {
-            return Err(MalformedEntry::new("field `id` is not a valid header value"));
+            return Err(MalformedEntry::new(
+                "field `id` is not a valid header value",
+            ));
         }
         let method = Method::from_bytes(field(method, "method")?)
             .map_err(|_| MalformedEntry::new("field `method` is not an HTTP method"))?;
@@ -340,7 +342,16 @@ mod tests {
             b"1",
             b"GET",
         ];
-        let names = ["v", "id", "method", "uri", "headers", "body", "enqueued_at", "attempts"];
+        let names = [
+            "v",
+            "id",
+            "method",
+            "uri",
+            "headers",
+            "body",
+            "enqueued_at",
+            "attempts",
+        ];
         for (i, name) in names.iter().enumerate() {
             for value in nasty {
                 let mut fields: Vec<(&[u8], &[u8])> = names

@@ -225,9 +225,9 @@ where
                 }
                 StateProj::Done { answer } => {
                     let answer = answer.take();
-                    return Poll::Ready(Ok(answer.map_or_else(polled_after_completion, |a| {
-                        a.into_response()
-                    })));
+                    return Poll::Ready(Ok(
+                        answer.map_or_else(polled_after_completion, |a| a.into_response())
+                    ));
                 }
             };
             this.state.set(next);
@@ -318,6 +318,8 @@ where
             State::Storing { .. } => "storing",
             State::Done { .. } => "done",
         };
-        f.debug_struct("ResponseFuture").field("state", &state).finish()
+        f.debug_struct("ResponseFuture")
+            .field("state", &state)
+            .finish()
     }
 }

@@ -310,6 +310,10 @@ impl<S, F: Clone> Layer<S> for HeartbeatBufferLayer<WithFallback<F>> {
     type Service = HeartbeatBuffer<S, F>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        HeartbeatBuffer::new(inner, Some(self.fallback.0.clone()), Arc::clone(&self.shared))
+        HeartbeatBuffer::new(
+            inner,
+            Some(self.fallback.0.clone()),
+            Arc::clone(&self.shared),
+        )
     }
 }

@@ -58,14 +58,14 @@ pub mod target;
 pub use body::{BoxError, RequestBody, ResponseBody};
 pub use error::{InvalidConfig, InvalidName, MalformedEntry, NameKind, RedisError};
 pub use future::ResponseFuture;
+pub use heartbeat::{
+    Health, Heartbeat, HeartbeatBuilder, HeartbeatFormat, NotificationMode, Status, TargetView,
+    Watcher, WatcherBuilder,
+};
 pub use layer::{
     DeliveryOrder, HeartbeatBufferBuilder, HeartbeatBufferLayer, NoFallback, WithFallback,
     DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_QUEUE_LEN,
 };
 pub use outcome::{Buffered, Unavailable, UnavailableReason};
 pub use service::HeartbeatBuffer;
-pub use heartbeat::{
-    Health, Heartbeat, HeartbeatBuilder, HeartbeatFormat, NotificationMode, Status, TargetView,
-    Watcher, WatcherBuilder,
-};
 pub use target::{HeartbeatSource, Target, DEFAULT_NAMESPACE};

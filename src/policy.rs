@@ -254,7 +254,7 @@ impl NeverStore {
     }
 
     /// Also leave out `name`.
-    pub fn add(mut self, name: HeaderName) -> Self {
+    pub fn also(mut self, name: HeaderName) -> Self {
         self.names.insert(name);
         self
     }

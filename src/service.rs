@@ -216,13 +216,15 @@ impl<S: Service<R>, R> CallInto<R> for S {
 /// Reads the per-request override, then the policy.
 fn classify(shared: &Shared, parts: &mut Parts) -> bool {
     let header = parts.headers.remove(BUFFER_OVERRIDE_HEADER);
-    let explicit = parts.extensions.get::<BufferOverride>().copied().or_else(|| {
-        match header.as_ref().map(HeaderValue::as_bytes) {
+    let explicit = parts
+        .extensions
+        .get::<BufferOverride>()
+        .copied()
+        .or_else(|| match header.as_ref().map(HeaderValue::as_bytes) {
             Some(b"allow") => Some(BufferOverride::Allow),
             Some(b"never") => Some(BufferOverride::Never),
             _ => None,
-        }
-    });
+        });
     match explicit {
         Some(BufferOverride::Allow) => true,
         Some(BufferOverride::Never) => false,

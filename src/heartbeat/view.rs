@@ -199,7 +199,8 @@ impl ViewState {
     }
 
     pub(crate) fn set_backlog(&self, len: u64) {
-        self.backlog.store(len.min(UNKNOWN_BACKLOG - 1), Ordering::Release);
+        self.backlog
+            .store(len.min(UNKNOWN_BACKLOG - 1), Ordering::Release);
     }
 
     pub(crate) fn set_reachable(&self, reachable: bool) -> bool {

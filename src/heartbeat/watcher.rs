@@ -262,8 +262,16 @@ impl Watcher {
         let queue_channel = format!("{channel_prefix}{queue_key}");
         let (hints_tx, hints) = mpsc::unbounded_channel();
         let router = &self.inner.router;
-        router.add(subscription.route(), channel_prefix.clone(), hints_tx.clone());
-        router.add(format!("c:{queue_channel}"), channel_prefix.clone(), hints_tx);
+        router.add(
+            subscription.route(),
+            channel_prefix.clone(),
+            hints_tx.clone(),
+        );
+        router.add(
+            format!("c:{queue_channel}"),
+            channel_prefix.clone(),
+            hints_tx,
+        );
         let (ready_tx, ready) = oneshot::channel();
         let task = TargetTask {
             conn: self.inner.conn.clone(),

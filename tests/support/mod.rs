@@ -34,6 +34,7 @@ pub use options::RedisOptions;
 pub use redis_server::RedisServer;
 
 mod http_target;
+pub mod layer_rig;
 pub use http_target::*;
 
 use std::path::PathBuf;
