@@ -187,6 +187,14 @@ impl<B> ResponseBody<B> {
     }
 }
 
+/// An empty synthetic body: what tower-http's own short-circuiting layers
+/// (for instance its `TimeoutLayer`) need to be stacked above this one.
+impl<B> Default for ResponseBody<B> {
+    fn default() -> Self {
+        Self::synthetic(Bytes::new())
+    }
+}
+
 impl<B> Body for ResponseBody<B>
 where
     B: Body,

@@ -99,25 +99,20 @@ impl Envelope {
 
     /// The stream entry's fields, in a stable order.
     pub fn to_fields(&self) -> Vec<(&'static str, Vec<u8>)> {
-        let mut headers = Vec::with_capacity(self.headers.len() * 32);
-        for (name, value) in &self.headers {
-            if !headers.is_empty() {
-                headers.extend_from_slice(b"\r\n");
-            }
-            headers.extend_from_slice(name.as_str().as_bytes());
-            headers.extend_from_slice(b": ");
-            headers.extend_from_slice(value.as_bytes());
-        }
-        vec![
-            ("v", VERSION.as_bytes().to_vec()),
-            ("id", self.id.as_bytes().to_vec()),
-            ("method", self.method.as_str().as_bytes().to_vec()),
-            ("uri", self.uri.to_string().into_bytes()),
-            ("headers", headers),
-            ("body", self.body.to_vec()),
-            ("enqueued_at", self.enqueued_at_ms.to_string().into_bytes()),
-            ("attempts", self.attempts.to_string().into_bytes()),
-        ]
+        let encoded = Encoded {
+            id: self.id.clone(),
+            method: self.method.clone(),
+            uri: self.uri.to_string(),
+            headers: encode_headers(self.headers.iter(), |_| false),
+            body: self.body.clone(),
+            enqueued_at: self.enqueued_at_ms.to_string(),
+            attempts: self.attempts.to_string(),
+        };
+        encoded
+            .fields()
+            .into_iter()
+            .map(|(name, value)| (name, value.to_vec()))
+            .collect()
     }
 
     /// Decodes a stream entry's fields (any order; unknown fields ignored, so
@@ -211,6 +206,79 @@ impl Envelope {
     }
 }
 
+/// An entry ready to be written: the fields rendered once, the body shared
+/// rather than copied. What the buffer writes on the hot path of a store.
+#[derive(Debug)]
+pub(crate) struct Encoded {
+    id: String,
+    method: Method,
+    uri: String,
+    headers: Vec<u8>,
+    body: Bytes,
+    enqueued_at: String,
+    attempts: String,
+}
+
+impl Encoded {
+    /// Encodes a request straight from its parts (no header map copy),
+    /// leaving out the headers in `never_store`.
+    pub(crate) fn request(
+        id: String,
+        parts: &http::request::Parts,
+        body: Bytes,
+        never_store: &NeverStore,
+        attempts: u32,
+    ) -> Self {
+        Self {
+            id,
+            method: parts.method.clone(),
+            uri: parts.uri.to_string(),
+            headers: encode_headers(parts.headers.iter(), |name| never_store.contains(name)),
+            body,
+            enqueued_at: unix_ms().to_string(),
+            attempts: attempts.to_string(),
+        }
+    }
+
+    /// The fields, in the documented order.
+    pub(crate) fn fields(&self) -> [(&'static str, &[u8]); 8] {
+        [
+            ("v", VERSION.as_bytes()),
+            ("id", self.id.as_bytes()),
+            ("method", self.method.as_str().as_bytes()),
+            ("uri", self.uri.as_bytes()),
+            ("headers", &self.headers),
+            ("body", &self.body),
+            ("enqueued_at", self.enqueued_at.as_bytes()),
+            ("attempts", self.attempts.as_bytes()),
+        ]
+    }
+
+    pub(crate) fn id(&self) -> &str {
+        &self.id
+    }
+}
+
+/// `name: value` lines joined by CRLF, skipping names `skip` refuses.
+fn encode_headers<'a>(
+    headers: impl Iterator<Item = (&'a HeaderName, &'a HeaderValue)>,
+    skip: impl Fn(&HeaderName) -> bool,
+) -> Vec<u8> {
+    let mut out = Vec::with_capacity(256);
+    for (name, value) in headers {
+        if skip(name) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.extend_from_slice(b"\r\n");
+        }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+    }
+    out
+}
+
 fn parse_headers(raw: &[u8]) -> Result<HeaderMap, MalformedEntry> {
     let mut headers = HeaderMap::new();
     if raw.is_empty() {
@@ -295,6 +363,37 @@ mod tests {
         assert_eq!(back, e);
         let multi: Vec<_> = back.headers.get_all("x-multi").iter().collect();
         assert_eq!(multi, ["one", "two"]);
+    }
+
+    #[test]
+    fn encoding_from_parts_matches_the_envelope() {
+        let request = Request::post("/a?b=c")
+            .header("x-one", "1")
+            .header("cookie", "secret")
+            .body(())
+            .unwrap();
+        let (parts, ()) = request.into_parts();
+        let encoded = Encoded::request(
+            "k".into(),
+            &parts,
+            Bytes::from_static(b"body"),
+            &NeverStore::default(),
+            1,
+        );
+        let back = Envelope::from_fields(encoded.fields().iter().map(|(k, v)| (k.as_bytes(), *v)))
+            .unwrap();
+        let expected = Envelope::capture(
+            "k",
+            &parts,
+            Bytes::from_static(b"body"),
+            &NeverStore::default(),
+            1,
+        );
+        assert_eq!(back.headers, expected.headers);
+        assert_eq!(back.body, expected.body);
+        assert_eq!(back.uri, expected.uri);
+        assert_eq!(back.attempts, 1);
+        assert!(!back.headers.contains_key("cookie"));
     }
 
     #[test]

@@ -17,7 +17,7 @@ use tracing::{debug, info, trace, warn};
 
 use crate::body::{BoxError, RequestBody, ResponseBody};
 use crate::breaker::Admit;
-use crate::envelope::{Envelope, IDEMPOTENCY_KEY};
+use crate::envelope::{Encoded, IDEMPOTENCY_KEY};
 use crate::future::{ResponseFuture, StoreFuture, Then};
 use crate::heartbeat::Health;
 use crate::layer::{DeliveryOrder, Shared};
@@ -341,9 +341,10 @@ pub(crate) fn store(
     attempts: u32,
 ) -> StoreFuture {
     Box::pin(async move {
-        let envelope = Envelope::capture(&id, &parts, body, &shared.config.never_store, attempts);
-        let target = shared.view.target().clone();
-        match shared.queue.enqueue(&envelope).await {
+        let entry = Encoded::request(id, &parts, body, &shared.config.never_store, attempts);
+        let id = entry.id();
+        let target = shared.view.target();
+        match shared.queue.enqueue(&entry, shared.view.backlog()).await {
             Ok(enqueued) => {
                 shared.view.note_backlog(enqueued.len);
                 if shared.redis_warned.swap(false, Ordering::AcqRel) {
@@ -351,13 +352,13 @@ pub(crate) fn store(
                 }
                 trace!(target = %target, id = %id, entry = %enqueued.entry_id, "buffered");
                 Answer::Buffered {
-                    id,
+                    id: id.to_owned(),
                     queue_len: enqueued.len,
                 }
             }
             Err(EnqueueError::Full { len }) => {
                 debug!(target = %target, id = %id, len, "buffer full: refused");
-                Answer::refused(UnavailableReason::QueueFull { len }, Some(&id))
+                Answer::refused(UnavailableReason::QueueFull { len }, Some(id))
             }
             Err(EnqueueError::Redis(e)) => {
                 if !shared.redis_warned.swap(true, Ordering::AcqRel) {
@@ -367,7 +368,7 @@ pub(crate) fn store(
                     Some(source) => format!("{e}: {source}"),
                     None => e.to_string(),
                 };
-                Answer::refused(UnavailableReason::RedisUnavailable { detail }, Some(&id))
+                Answer::refused(UnavailableReason::RedisUnavailable { detail }, Some(id))
             }
         }
     })

@@ -581,3 +581,40 @@ async fn no_redis_command_on_the_hot_path_while_up() {
     *after.get_mut("info").unwrap() -= 1;
     assert_eq!(before, after, "a forwarded call reached Redis");
 }
+
+/// Far from full, entries are written with a plain XADD; near the limit, with
+/// the checked script. Concurrent writers must still stop at the limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bound_holds_when_concurrent_fast_writes_give_way_to_checked_ones() {
+    let rig = Rig::start().await;
+    rig.down().await;
+    let service = rig.service(|b| b.max_queue_len(100)).await;
+    let url = rig.http.url();
+    let mut tasks = Vec::new();
+    for worker in 0..8 {
+        let mut service = service.clone();
+        let url = url.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut statuses = Vec::new();
+            for i in 0..20 {
+                let request = Request::post(format!("{url}/o"))
+                    .body(Full::new(Bytes::from(format!("{worker}-{i}"))))
+                    .unwrap();
+                statuses.push(call(&mut service, request).await.unwrap().status);
+            }
+            statuses
+        }));
+    }
+    let mut accepted = 0;
+    for task in tasks {
+        for status in task.await.unwrap() {
+            match status {
+                StatusCode::ACCEPTED => accepted += 1,
+                StatusCode::SERVICE_UNAVAILABLE => {}
+                other => panic!("unexpected {other}"),
+            }
+        }
+    }
+    assert_eq!(accepted, 100, "exactly the limit accepted");
+    assert_eq!(rig.stored().len(), 100, "exactly the limit stored");
+}
