@@ -48,6 +48,7 @@ pub mod envelope;
 pub mod error;
 mod future;
 pub mod heartbeat;
+mod id;
 mod layer;
 mod outcome;
 pub mod policy;

@@ -243,7 +243,7 @@ fn identify(parts: &mut Parts) -> Option<String> {
             .filter(|id| !id.is_empty())
             .map(str::to_owned);
     }
-    let id = uuid::Uuid::now_v7().to_string();
+    let id = crate::id::new_id();
     parts
         .headers
         .insert(IDEMPOTENCY_KEY, HeaderValue::from_str(&id).ok()?);

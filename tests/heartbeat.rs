@@ -486,6 +486,8 @@ async fn every_watch_of_a_target_shares_one_view() {
     let watcher = watcher(&server).await;
     let target = Target::new("orders").unwrap();
     let first = watcher.watch(&target).await;
+    // The heartbeat channel, and the queue's while the queue is empty.
+    assert!(wait_until(EVENTUALLY, || server.command_calls("subscribe") == 2).await);
     let second = watcher.clone().watch(&target).await;
     let _: () = server.conn().set(target.heartbeat_key(), 1).unwrap();
     timeout(EVENTUALLY, first.wait_for(Health::Up))
@@ -494,8 +496,8 @@ async fn every_watch_of_a_target_shares_one_view() {
     assert_eq!(second.health(), Health::Up);
     assert_eq!(
         server.command_calls("subscribe"),
-        1,
-        "one subscription per target"
+        2,
+        "a second watch of a target subscribes to nothing new"
     );
 }
 
@@ -682,4 +684,36 @@ fn invalid_heartbeat_configurations_are_refused() {
         .start(client)
         .unwrap_err();
     assert!(err.to_string().contains("instance name"), "{err}");
+}
+
+/// Strict ordering across replicas rests on this: an entry written by anyone
+/// into an empty buffer is seen at once; a drained buffer soon after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_view_follows_the_buffer_filling_and_draining() {
+    let server = RedisServer::start();
+    let target = Target::new("orders").unwrap();
+    let view = watcher(&server).await.watch(&target).await;
+    assert_eq!(view.backlog(), Some(0));
+    // Wait for the queue channel subscription (made while the queue is empty).
+    assert!(wait_until(EVENTUALLY, || server.command_calls("subscribe") == 2).await);
+
+    let mut conn = server.conn();
+    let start = Instant::now();
+    let _: String = conn.xadd(target.queue_key(), "*", &[("v", "1")]).unwrap();
+    assert!(wait_until(EVENTUALLY, || view.backlog() == Some(1)).await);
+    let seen = start.elapsed();
+    assert!(seen < REACTION, "first entry seen after {seen:?}");
+
+    // Many appends later (not followed one by one), the drain is seen.
+    for _ in 0..100 {
+        let _: String = conn.xadd(target.queue_key(), "*", &[("v", "1")]).unwrap();
+    }
+    let _: () = conn.del(target.queue_key()).unwrap();
+    let start = Instant::now();
+    assert!(wait_until(EVENTUALLY, || view.backlog() == Some(0)).await);
+    let seen = start.elapsed();
+    assert!(
+        seen < Duration::from_millis(500),
+        "drain seen after {seen:?}"
+    );
 }

@@ -31,6 +31,8 @@ const RETRY_MIN: Duration = Duration::from_millis(50);
 const RETRY_MAX: Duration = Duration::from_secs(2);
 /// Instance discovery scans this many keys per `SCAN` call.
 const SCAN_COUNT: usize = 1000;
+/// How often a non-empty queue's length is read, to see it drain.
+const BACKLOG_POLL: Duration = Duration::from_millis(100);
 
 /// Builds a [`Watcher`].
 #[derive(Clone, Debug)]
@@ -282,6 +284,8 @@ impl Watcher {
             keys,
             queue_key,
             queue_channel,
+            queue_subscribed: false,
+            last_backlog_read: Instant::now(),
             heartbeat_dirty: true,
             queue_dirty: true,
             queue_type_warned: false,
@@ -458,6 +462,8 @@ struct TargetTask {
     /// The target's buffer, whose length strict ordering needs.
     queue_key: String,
     queue_channel: String,
+    queue_subscribed: bool,
+    last_backlog_read: Instant,
     heartbeat_dirty: bool,
     queue_dirty: bool,
     queue_type_warned: bool,
@@ -511,10 +517,16 @@ impl TargetTask {
 
             self.heartbeat_dirty = false;
             self.queue_dirty = false;
+            let backlog_poll = self
+                .state
+                .backlog()
+                .is_some_and(|n| n > 0)
+                .then_some(self.last_backlog_read + BACKLOG_POLL);
             let wake_at = schedule
                 .retry_at
                 .unwrap_or(schedule.next_reconcile)
-                .min(schedule.deadline.unwrap_or(schedule.next_reconcile));
+                .min(schedule.deadline.unwrap_or(schedule.next_reconcile))
+                .min(backlog_poll.unwrap_or(schedule.next_reconcile));
             tokio::select! {
                 biased;
                 _ = self.shutdown.changed() => return,
@@ -537,8 +549,15 @@ impl TargetTask {
                     }
                 }
                 _ = sleep_until(wake_at) => {
-                    self.heartbeat_dirty = true;
-                    if Instant::now() >= schedule.next_reconcile {
+                    let now = Instant::now();
+                    if backlog_poll.is_some_and(|at| now >= at) {
+                        self.queue_dirty = true;
+                    }
+                    self.heartbeat_dirty |= schedule.deadline.is_some_and(|d| now >= d)
+                        || schedule.retry_at.is_some_and(|r| now >= r)
+                        || now >= schedule.next_reconcile;
+                    self.queue_dirty |= schedule.retry_at.is_some_and(|r| now >= r);
+                    if now >= schedule.next_reconcile {
                         discover = true;
                         self.queue_dirty = true;
                     }
@@ -581,6 +600,8 @@ impl TargetTask {
         }
         if self.queue_dirty {
             self.read_backlog().await?;
+            self.last_backlog_read = Instant::now();
+            self.follow_queue_while_empty().await;
         }
         if !self.heartbeat_dirty && !discover {
             return Ok(self.last);
@@ -634,25 +655,45 @@ impl TargetTask {
 
     async fn subscribe(&mut self) -> Result<(), RedisError> {
         let mut conn = self.conn.clone();
-        let both = async {
+        let heartbeat = async {
             match &self.subscription {
-                Subscription::Channel(c) => {
-                    conn.subscribe(&[c.as_str(), self.queue_channel.as_str()])
-                        .await
-                }
-                Subscription::Pattern(p) => {
-                    conn.psubscribe(p).await?;
-                    conn.subscribe(&self.queue_channel).await
-                }
+                Subscription::Channel(c) => conn.subscribe(c).await,
+                Subscription::Pattern(p) => conn.psubscribe(p).await,
             }
         };
-        match timeout(self.read_timeout, both).await {
+        match timeout(self.read_timeout, heartbeat).await {
             Ok(Ok(())) => {
                 self.subscribed = true;
                 Ok(())
             }
             Ok(Err(e)) => Err(RedisError::new("heartbeat subscribe", e)),
             Err(_) => Err(RedisError::timeout("heartbeat subscribe")),
+        }
+    }
+
+    /// Follows the queue's keyspace channel only while the queue is empty.
+    ///
+    /// Then one event (the first `xadd`, by any replica or program) is what
+    /// strict ordering must see at once. While the queue is not empty, every
+    /// append would be an event to parse for nothing — at buffering rates
+    /// that cost a third of the throughput — so the channel is left and the
+    /// length is polled every [`BACKLOG_POLL`] until it reaches zero.
+    async fn follow_queue_while_empty(&mut self) {
+        let want = self.state.backlog().is_none_or(|n| n == 0);
+        if want == self.queue_subscribed {
+            return;
+        }
+        let mut conn = self.conn.clone();
+        let change = async {
+            if want {
+                conn.subscribe(&self.queue_channel).await
+            } else {
+                conn.unsubscribe(&self.queue_channel).await
+            }
+        };
+        // On failure nothing changes: the next read tries again.
+        if let Ok(Ok(())) = timeout(self.read_timeout, change).await {
+            self.queue_subscribed = want;
         }
     }
 
