@@ -120,12 +120,18 @@ impl Queue {
         });
         let mut conn = self.conn.clone();
         let reply: Result<Value, redis::RedisError> = if far_from_full {
-            let mut pipe = redis::pipe();
-            let xadd = pipe.cmd("XADD").arg(&self.key).arg("*");
-            for (name, value) in entry.fields() {
+            // Sized up front: growing the command buffer showed in profiles.
+            let fields = entry.fields();
+            let bytes: usize = fields.iter().map(|(n, v)| n.len() + v.len()).sum();
+            let mut xadd = redis::Cmd::with_capacity(3 + 2 * fields.len(), bytes + 64);
+            xadd.arg("XADD").arg(&self.key).arg("*");
+            for (name, value) in fields {
                 xadd.arg(name).arg(value);
             }
-            pipe.cmd("XLEN").arg(&self.key);
+            let mut xlen = redis::Cmd::with_capacity(2, self.key.len() + 8);
+            xlen.arg("XLEN").arg(&self.key);
+            let mut pipe = redis::Pipeline::with_capacity(2);
+            pipe.add_command(xadd).add_command(xlen);
             match timeout(self.timeout, pipe.query_async::<Value>(&mut conn)).await {
                 Ok(reply) => reply,
                 Err(_) => return Err(EnqueueError::Redis(RedisError::timeout("enqueue"))),
