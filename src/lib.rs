@@ -1,42 +1,86 @@
 //! Calls between services that survive the death of the service being called.
 //!
 //! A target service proves it is alive by keeping a **heartbeat key** in
-//! Redis with a TTL ([`Heartbeat`]). Callers keep a local, always-current view
-//! of that key ([`Watcher`], [`TargetView`]): reading it is one atomic load,
-//! no Redis round trip.
+//! Redis with a TTL ([`Heartbeat`]). Callers wrap their client for it in
+//! [`HeartbeatBufferLayer`], which keeps a local, always-current view of that
+//! key ([`Watcher`], [`TargetView`]) and decides each call from memory:
+//!
+//! - **target up:** the call goes straight through, untouched; no Redis
+//!   round trip;
+//! - **target down** (key deleted, expired, `status` `draining`/`down`, or
+//!   calls failing at the transport level): a request that may be replayed
+//!   later is stored in a durable Redis stream and the caller gets
+//!   `202 Accepted` at once, with the request's `Idempotency-Key`
+//!   ([`Buffered`]); anything else gets `503` ([`Unavailable`]).
 //!
 //! # Example
 //!
 //! ```no_run
-//! use std::time::Duration;
-//! use tower_heartbeat_buffer::{Health, Heartbeat, Target, Watcher};
+//! use bytes::Bytes;
+//! use http_body_util::Full;
+//! use hyper_util::client::legacy::{connect::HttpConnector, Client};
+//! use hyper_util::rt::TokioExecutor;
+//! use tower::{Service, ServiceBuilder, ServiceExt};
+//! use tower_heartbeat_buffer::{
+//!     Buffered, HeartbeatBufferLayer, RequestBody, Target, Watcher,
+//! };
 //!
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-//! let client = redis::Client::open("redis://127.0.0.1:6379/")?;
-//! let orders = Target::new("orders")?;
+//! let redis = redis::Client::open("redis://127.0.0.1:6379/")?;
+//! let orders = Target::new("orders")?; // watches `thb:{orders}:hb`
 //!
-//! // The caller's view, shared by every clone.
-//! let watcher = Watcher::builder()
-//!     .reconcile_interval(Duration::from_secs(1))
-//!     .connect(client.clone())
-//!     .await?;
-//! let view = watcher.watch(&orders).await;
+//! // One watcher per process; every layer and clone shares its views.
+//! let watcher = Watcher::connect(redis).await?;
+//! let layer = HeartbeatBufferLayer::builder(orders).build(&watcher).await?;
 //!
-//! // The target announces itself...
-//! let heartbeat = Heartbeat::builder(orders.clone()).start(client)?;
-//! view.wait_for(Health::Up).await;
+//! // The wrapped client receives `RequestBody<B>`: the caller's body, or the
+//! // bytes held in memory in case the call must be stored.
+//! let client: Client<HttpConnector, RequestBody<Full<Bytes>>> =
+//!     Client::builder(TokioExecutor::new()).build_http();
+//! let mut orders_client = ServiceBuilder::new().layer(layer).service(client);
 //!
-//! // ...and a graceful stop deletes the key: callers see it in milliseconds.
-//! heartbeat.shutdown().await?;
-//! view.wait_for(Health::Down).await;
+//! let request = http::Request::post("http://orders.internal/orders")
+//!     .body(Full::new(Bytes::from_static(b"{\"sku\":42}")))?;
+//! let response = orders_client.ready().await?.call(request).await?;
+//! if let Some(buffered) = response.extensions().get::<Buffered>() {
+//!     println!("orders is down; stored as {}", buffered.id());
+//! }
 //! # Ok(()) }
 //! ```
 //!
+//! The target keeps its heartbeat with [`Heartbeat`], or with anything that
+//! can `SET thb:{orders}:hb 1 PX 5000` every second or two.
+//!
+//! # Guarantees
+//!
+//! - A `202` means the request is in Redis (as durable as the server's
+//!   persistence settings). Anything that could not be stored gets an error
+//!   response, never a `202`.
+//! - Every request that may be buffered carries an `Idempotency-Key` (the
+//!   caller's, or a UUIDv7 assigned before the first attempt), so a forward
+//!   that failed ambiguously and is replayed later carries the same key.
+//! - In strict order (the default), while the buffer is not empty, new
+//!   bufferable requests join it rather than overtake it.
+//! - Redis down: calls to a live target still go through; calls that would
+//!   need the buffer get a fast `503`; everything resumes by itself.
+//!
+//! # Placing the layer
+//!
+//! - Put per-attempt timeouts *below* the layer (between it and the client):
+//!   a timed-out attempt is then a failure the layer diverts. A deadline
+//!   *above* it bounds the whole call, storing included.
+//! - Add credentials below the layer too: `authorization` and `cookie` are
+//!   not stored by default ([`policy::NeverStore`]), and each attempt gets
+//!   fresh ones.
+//! - In an axum app, prefer `Router::route_layer` to `Router::layer`, so
+//!   requests for unknown paths get `404` rather than being stored.
+//!
 //! # Redis data layout
 //!
-//! See [`target`] for the keys; they are public, so programs in any language
-//! can publish heartbeats or read the buffer.
+//! See [`target`] for the keys and [`envelope`] for the stored entries; both
+//! are public, so programs in any language can publish heartbeats or read
+//! the buffer.
 
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
