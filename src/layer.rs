@@ -279,6 +279,18 @@ impl<F> HeartbeatBufferLayer<F> {
     pub fn view(&self) -> &TargetView {
         &self.shared.view
     }
+
+    /// A replayer for this layer's target, sharing its view and connection;
+    /// [`spawn`](crate::replay::ReplayerBuilder::spawn) it with the service
+    /// the layer wraps (a clone of the client).
+    pub fn replayer(&self) -> crate::replay::ReplayerBuilder {
+        crate::replay::ReplayerBuilder::new(self.shared.view.clone(), self.shared.queue.conn())
+    }
+
+    /// This target's dead letters.
+    pub fn dead_letters(&self) -> crate::replay::DeadLetters {
+        crate::replay::DeadLetters::from_conn(self.shared.queue.conn(), self.shared.view.target())
+    }
 }
 
 impl<F: Clone> Clone for HeartbeatBufferLayer<F> {

@@ -97,6 +97,7 @@ mod layer;
 mod outcome;
 pub mod policy;
 mod queue;
+pub mod replay;
 mod service;
 pub mod target;
 

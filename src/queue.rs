@@ -102,6 +102,11 @@ impl Queue {
         })
     }
 
+    /// The buffer's connection, shared with the replayer and the admin API.
+    pub(crate) fn conn(&self) -> ConnectionManager {
+        self.conn.clone()
+    }
+
     /// Stores one entry; `Ok` means it is in Redis. `known_len` is the
     /// queue's length as this process last saw it.
     pub(crate) async fn enqueue(

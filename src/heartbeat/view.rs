@@ -110,6 +110,12 @@ impl TargetView {
         self.state.set_backlog(len);
     }
 
+    /// Resolves after the backlog grew (an entry was added by this process,
+    /// or seen added by another). Keeps one wake-up if nobody waits.
+    pub(crate) async fn backlog_grew(&self) {
+        self.state.backlog_grew.notified().await;
+    }
+
     /// Whether the last attempt to read the heartbeat from Redis succeeded.
     ///
     /// While Redis is unreachable the view holds its last known health: the
@@ -158,6 +164,7 @@ pub(crate) struct ViewState {
     backlog: AtomicU64,
     up_generation: AtomicU64,
     changes: watch::Sender<Health>,
+    backlog_grew: tokio::sync::Notify,
 }
 
 const UNKNOWN_BACKLOG: u64 = u64::MAX;
@@ -170,6 +177,7 @@ impl ViewState {
             reachable: AtomicBool::new(false),
             backlog: AtomicU64::new(UNKNOWN_BACKLOG),
             up_generation: AtomicU64::new(0),
+            backlog_grew: tokio::sync::Notify::new(),
             changes: watch::Sender::new(Health::Unknown),
         }
     }
@@ -199,8 +207,11 @@ impl ViewState {
     }
 
     pub(crate) fn set_backlog(&self, len: u64) {
-        self.backlog
-            .store(len.min(UNKNOWN_BACKLOG - 1), Ordering::Release);
+        let len = len.min(UNKNOWN_BACKLOG - 1);
+        let previous = self.backlog.swap(len, Ordering::AcqRel);
+        if len > 0 && (previous == UNKNOWN_BACKLOG || len > previous) {
+            self.backlog_grew.notify_one();
+        }
     }
 
     pub(crate) fn set_reachable(&self, reachable: bool) -> bool {

@@ -1,0 +1,383 @@
+//! The replayer's Redis operations on one target's keys: the consumer group
+//! on the buffer stream, acknowledgements with their processed-markers, dead
+//! letters and the drain lease. Scripts where several keys must change
+//! together; all keys share the target's hash tag.
+
+use std::time::Duration;
+
+use redis::aio::ConnectionManager;
+use redis::{Script, Value};
+use tokio::time::timeout;
+
+use crate::error::RedisError;
+use crate::target::Target;
+
+/// The consumer group every replayer of a target joins.
+pub(crate) const GROUP: &str = "thb";
+
+/// `XACK` + `XDEL` each entry and set its processed-marker, in one step: an
+/// entry is either pending, or gone with its marker set.
+/// KEYS[1] = queue; ARGV = group, marker ttl (s), marker prefix, then pairs
+/// of (entry id, request id).
+const ACK: &str = r#"
+local n = 0
+for i = 4, #ARGV, 2 do
+  redis.call('XACK', KEYS[1], ARGV[1], ARGV[i])
+  n = n + redis.call('XDEL', KEYS[1], ARGV[i])
+  if ARGV[i + 1] ~= '' then
+    redis.call('SET', ARGV[3] .. ARGV[i + 1], '1', 'EX', ARGV[2])
+  end
+end
+return n
+"#;
+
+/// Moves one entry to the dead letters, with its reason, in one step.
+/// KEYS[1] = queue, KEYS[2] = dead; ARGV = group, entry id, reason, dead_at,
+/// then the entry's field/value pairs.
+const DEAD_LETTER: &str = r#"
+local fields = {}
+for i = 5, #ARGV do fields[#fields + 1] = ARGV[i] end
+fields[#fields + 1] = 'reason'
+fields[#fields + 1] = ARGV[3]
+fields[#fields + 1] = 'dead_at'
+fields[#fields + 1] = ARGV[4]
+fields[#fields + 1] = 'source_id'
+fields[#fields + 1] = ARGV[2]
+local id = redis.call('XADD', KEYS[2], '*', unpack(fields))
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+redis.call('XDEL', KEYS[1], ARGV[2])
+return id
+"#;
+
+/// Takes or renews the lease: ours if free or already ours.
+/// KEYS[1] = lease; ARGV = holder, ttl (ms). Returns 1 when held.
+const LEASE: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  return 1
+end
+return 0
+"#;
+
+/// Releases the lease if ours. KEYS[1] = lease; ARGV[1] = holder.
+const RELEASE: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"#;
+
+/// One entry read from the stream: its id and raw field/value pairs (raw,
+/// so a poison entry cannot break the read of the others).
+#[derive(Clone, Debug)]
+pub(crate) struct RawEntry {
+    pub(crate) entry_id: String,
+    /// `None` when the entry was deleted while pending.
+    pub(crate) fields: Option<Vec<(Vec<u8>, Vec<u8>)>>,
+}
+
+impl RawEntry {
+    /// The `id` field (the request's idempotency key), if readable.
+    pub(crate) fn request_id(&self) -> Option<&str> {
+        self.fields
+            .as_ref()?
+            .iter()
+            .find(|(k, _)| k == b"id")
+            .and_then(|(_, v)| std::str::from_utf8(v).ok())
+    }
+}
+
+#[derive(Clone)]
+pub(crate) struct Store {
+    conn: ConnectionManager,
+    queue: String,
+    dead: String,
+    lease: String,
+    done_prefix: String,
+    timeout: Duration,
+    ack: Script,
+    dead_letter: Script,
+    lease_script: Script,
+    release: Script,
+}
+
+fn fail(operation: &'static str) -> impl Fn(redis::RedisError) -> RedisError {
+    move |e| RedisError::new(operation, e)
+}
+
+impl Store {
+    pub(crate) fn new(conn: ConnectionManager, target: &Target, command_timeout: Duration) -> Self {
+        Self {
+            conn,
+            queue: target.queue_key(),
+            dead: target.dead_letter_key(),
+            lease: target.lease_key(),
+            done_prefix: target.done_key(""),
+            timeout: command_timeout,
+            ack: Script::new(ACK),
+            dead_letter: Script::new(DEAD_LETTER),
+            lease_script: Script::new(LEASE),
+            release: Script::new(RELEASE),
+        }
+    }
+
+    pub(crate) fn conn(&self) -> ConnectionManager {
+        self.conn.clone()
+    }
+
+    async fn run<T: redis::FromRedisValue>(
+        &self,
+        operation: &'static str,
+        cmd: &redis::Cmd,
+    ) -> Result<T, RedisError> {
+        let mut conn = self.conn.clone();
+        match timeout(self.timeout, cmd.query_async::<T>(&mut conn)).await {
+            Ok(r) => r.map_err(fail(operation)),
+            Err(_) => Err(RedisError::timeout(operation)),
+        }
+    }
+
+    async fn invoke<T: redis::FromRedisValue>(
+        &self,
+        operation: &'static str,
+        invocation: &redis::ScriptInvocation<'_>,
+    ) -> Result<T, RedisError> {
+        let mut conn = self.conn.clone();
+        match timeout(self.timeout, invocation.invoke_async::<T>(&mut conn)).await {
+            Ok(r) => r.map_err(fail(operation)),
+            Err(_) => Err(RedisError::timeout(operation)),
+        }
+    }
+
+    /// Creates the consumer group (and the stream) if missing.
+    pub(crate) async fn ensure_group(&self) -> Result<(), RedisError> {
+        let mut cmd = redis::cmd("XGROUP");
+        cmd.arg("CREATE")
+            .arg(&self.queue)
+            .arg(GROUP)
+            .arg("0")
+            .arg("MKSTREAM");
+        match self.run::<()>("consumer group create", &cmd).await {
+            Err(e) if e.to_string_with_source().contains("BUSYGROUP") => Ok(()),
+            other => other,
+        }
+    }
+
+    /// Up to `count` entries: this consumer's pending ones (`new == false`),
+    /// or never-delivered ones (`new == true`), oldest first.
+    pub(crate) async fn read(
+        &self,
+        consumer: &str,
+        count: usize,
+        new: bool,
+    ) -> Result<Vec<RawEntry>, RedisError> {
+        let mut cmd = redis::cmd("XREADGROUP");
+        cmd.arg("GROUP")
+            .arg(GROUP)
+            .arg(consumer)
+            .arg("COUNT")
+            .arg(count)
+            .arg("STREAMS")
+            .arg(&self.queue)
+            .arg(if new { ">" } else { "0" });
+        let reply: Value = self.run("buffer read", &cmd).await?;
+        Ok(parse_read(&reply))
+    }
+
+    /// Claims pending entries idle for at least `min_idle` from any consumer
+    /// (all of them with zero). Returns how many were claimed.
+    pub(crate) async fn claim(&self, consumer: &str, min_idle: Duration) -> Result<usize, RedisError> {
+        let mut claimed = 0;
+        let mut cursor = String::from("0-0");
+        loop {
+            let mut cmd = redis::cmd("XAUTOCLAIM");
+            cmd.arg(&self.queue)
+                .arg(GROUP)
+                .arg(consumer)
+                .arg(u64::try_from(min_idle.as_millis()).unwrap_or(u64::MAX))
+                .arg(&cursor)
+                .arg("COUNT")
+                .arg(1000)
+                .arg("JUSTID");
+            let reply: Value = self.run("claim", &cmd).await?;
+            let Value::Array(parts) = reply else { break };
+            let next = parts.first().and_then(as_text).unwrap_or_else(|| "0-0".into());
+            if let Some(Value::Array(ids)) = parts.get(1) {
+                claimed += ids.len();
+            }
+            if next == "0-0" {
+                break;
+            }
+            cursor = next;
+        }
+        Ok(claimed)
+    }
+
+    /// Which of these request ids already carry a processed-marker.
+    pub(crate) async fn done(&self, request_ids: &[&str]) -> Result<Vec<bool>, RedisError> {
+        if request_ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut cmd = redis::cmd("MGET");
+        for id in request_ids {
+            cmd.arg(format!("{}{id}", self.done_prefix));
+        }
+        let values: Vec<Option<Vec<u8>>> = self.run("processed-marker read", &cmd).await?;
+        Ok(values.into_iter().map(|v| v.is_some()).collect())
+    }
+
+    /// Acknowledges delivered entries and marks them processed.
+    pub(crate) async fn ack(
+        &self,
+        entries: &[(String, String)],
+        marker_ttl: Duration,
+    ) -> Result<(), RedisError> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let mut invocation = self.ack.key(&self.queue);
+        invocation
+            .arg(GROUP)
+            .arg(marker_ttl.as_secs().max(1))
+            .arg(&self.done_prefix);
+        for (entry_id, request_id) in entries {
+            invocation.arg(entry_id).arg(request_id);
+        }
+        self.invoke::<i64>("acknowledge", &invocation).await.map(drop)
+    }
+
+    /// Moves an entry to the dead letters with `reason`.
+    pub(crate) async fn dead_letter(
+        &self,
+        entry: &RawEntry,
+        reason: &str,
+        dead_at_ms: u64,
+    ) -> Result<(), RedisError> {
+        let mut invocation = self.dead_letter.key(&self.queue);
+        invocation
+            .key(&self.dead)
+            .arg(GROUP)
+            .arg(&entry.entry_id)
+            .arg(reason)
+            .arg(dead_at_ms);
+        for (name, value) in entry.fields.iter().flatten() {
+            invocation.arg(name.as_slice()).arg(value.as_slice());
+        }
+        self.invoke::<Value>("dead-letter", &invocation).await.map(drop)
+    }
+
+    /// Takes or renews the drain lease for `holder`.
+    pub(crate) async fn lease(&self, holder: &str, ttl: Duration) -> Result<bool, RedisError> {
+        let mut invocation = self.lease_script.key(&self.lease);
+        invocation
+            .arg(holder)
+            .arg(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX));
+        self.invoke::<i64>("lease", &invocation).await.map(|n| n == 1)
+    }
+
+    /// Gives the lease up if `holder` has it.
+    pub(crate) async fn release(&self, holder: &str) -> Result<(), RedisError> {
+        let mut invocation = self.release.key(&self.lease);
+        invocation.arg(holder);
+        self.invoke::<i64>("lease release", &invocation).await.map(drop)
+    }
+}
+
+trait WithSource {
+    fn to_string_with_source(&self) -> String;
+}
+
+impl WithSource for RedisError {
+    fn to_string_with_source(&self) -> String {
+        match std::error::Error::source(self) {
+            Some(s) => format!("{self}: {s}"),
+            None => self.to_string(),
+        }
+    }
+}
+
+fn as_text(v: &Value) -> Option<String> {
+    match v {
+        Value::BulkString(b) => Some(String::from_utf8_lossy(b).into_owned()),
+        Value::SimpleString(s) => Some(s.clone()),
+        _ => None,
+    }
+}
+
+fn as_bytes(v: &Value) -> Vec<u8> {
+    match v {
+        Value::BulkString(b) => b.clone(),
+        Value::SimpleString(s) => s.clone().into_bytes(),
+        Value::Int(n) => n.to_string().into_bytes(),
+        _ => Vec::new(),
+    }
+}
+
+/// `XREADGROUP` answers `[[stream, [[id, [f, v, ...] | nil], ...]]]` (RESP2)
+/// or a map of stream to entries (RESP3). Anything unexpected in one entry
+/// stays confined to that entry.
+fn parse_read(reply: &Value) -> Vec<RawEntry> {
+    let streams: Vec<&Value> = match reply {
+        Value::Array(streams) => streams
+            .iter()
+            .filter_map(|s| match s {
+                Value::Array(pair) if pair.len() == 2 => Some(&pair[1]),
+                _ => None,
+            })
+            .collect(),
+        Value::Map(pairs) => pairs.iter().map(|(_, v)| v).collect(),
+        _ => Vec::new(),
+    };
+    let mut out = Vec::new();
+    for entries in streams {
+        let Value::Array(entries) = entries else { continue };
+        for entry in entries {
+            let Value::Array(pair) = entry else { continue };
+            let Some(entry_id) = pair.first().and_then(as_text) else { continue };
+            let fields = match pair.get(1) {
+                Some(Value::Array(flat)) => Some(
+                    flat.chunks(2)
+                        .map(|kv| (as_bytes(&kv[0]), kv.get(1).map(as_bytes).unwrap_or_default()))
+                        .collect(),
+                ),
+                Some(Value::Map(pairs)) => {
+                    Some(pairs.iter().map(|(k, v)| (as_bytes(k), as_bytes(v))).collect())
+                }
+                _ => None,
+            };
+            out.push(RawEntry { entry_id, fields });
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bulk(s: &[u8]) -> Value {
+        Value::BulkString(s.to_vec())
+    }
+
+    #[test]
+    fn reads_are_parsed_entry_by_entry() {
+        let reply = Value::Array(vec![Value::Array(vec![
+            bulk(b"q"),
+            Value::Array(vec![
+                Value::Array(vec![bulk(b"1-0"), Value::Array(vec![bulk(b"id"), bulk(b"k1")])]),
+                Value::Array(vec![bulk(b"2-0"), Value::Nil]),
+                Value::Array(vec![bulk(b"3-0"), Value::Array(vec![bulk(b"\xff"), bulk(b"x"), bulk(b"odd")])]),
+                Value::Int(7),
+            ]),
+        ])]);
+        let entries = parse_read(&reply);
+        assert_eq!(entries.len(), 3);
+        assert_eq!(entries[0].request_id(), Some("k1"));
+        assert!(entries[1].fields.is_none());
+        assert_eq!(entries[2].fields.as_ref().unwrap().len(), 2);
+        assert!(parse_read(&Value::Nil).is_empty());
+    }
+}

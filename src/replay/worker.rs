@@ -1,0 +1,602 @@
+//! The drain loop of one replayer.
+
+use std::future::poll_fn;
+use std::marker::PhantomData;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::stream::{self, StreamExt};
+use http::header::HeaderValue;
+use http::{HeaderName, Request, Response};
+use http_body::Body;
+use tokio::sync::{broadcast, watch};
+use tracing::{debug, info, warn};
+
+use super::policy::{Attempt, ReplayPolicy, Verdict};
+use super::store::{RawEntry, Store};
+use super::{ReplayConfig, ReplayEvent, ReplayEventKind, Stats};
+use crate::body::{BoxError, RequestBody};
+use crate::envelope::{unix_ms, Envelope};
+use crate::heartbeat::{Health, TargetView};
+use crate::layer::DeliveryOrder;
+
+/// Tells the target this request is a replay from the buffer.
+pub const REPLAY_HEADER: HeaderName = HeaderName::from_static("x-heartbeat-replay");
+/// Which attempt this is, counting the original one if it was tried.
+pub const ATTEMPT_HEADER: HeaderName = HeaderName::from_static("x-heartbeat-attempt");
+
+/// Response bodies are read (so connections can be reused) up to this much.
+const DRAIN_LIMIT: usize = 64 * 1024;
+
+pub(crate) struct Worker<S, B> {
+    store: Store,
+    view: TargetView,
+    /// Cloned for each call; behind a lock only so the worker can be shared
+    /// by concurrent deliveries whatever `S` is.
+    service: Mutex<S>,
+    config: ReplayConfig,
+    policy: Arc<dyn ReplayPolicy>,
+    consumer: String,
+    events: broadcast::Sender<ReplayEvent>,
+    shutdown: watch::Receiver<bool>,
+    stats: Arc<Stats>,
+    pacer: Mutex<Pacer>,
+    /// Until when every delivery waits (the target asked for a pause).
+    paused_until: Mutex<Option<Instant>>,
+    /// Strict order: the lease is ours; cleared when a renewal fails.
+    leader: AtomicBool,
+    last_renewal: Mutex<Instant>,
+    _body: PhantomData<fn(B)>,
+}
+
+impl<S, B, RB> Worker<S, B>
+where
+    S: tower_service::Service<Request<RequestBody<B>>, Response = Response<RB>> + Clone + Send + 'static,
+    S::Future: Send,
+    S::Error: Into<BoxError>,
+    B: Send + 'static,
+    RB: Body + Send + 'static,
+    RB::Data: Send,
+{
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        store: Store,
+        view: TargetView,
+        service: S,
+        config: ReplayConfig,
+        policy: Arc<dyn ReplayPolicy>,
+        consumer: String,
+        events: broadcast::Sender<ReplayEvent>,
+        shutdown: watch::Receiver<bool>,
+        stats: Arc<Stats>,
+    ) -> Self {
+        let pacer = Pacer::new(config.max_per_second, config.slow_start);
+        Self {
+            store,
+            view,
+            service: Mutex::new(service),
+            config,
+            policy,
+            consumer,
+            events,
+            shutdown,
+            stats,
+            pacer: Mutex::new(pacer),
+            paused_until: Mutex::new(None),
+            leader: AtomicBool::new(false),
+            last_renewal: Mutex::new(Instant::now()),
+            _body: PhantomData,
+        }
+    }
+
+    fn stopping(&self) -> bool {
+        *self.shutdown.borrow()
+    }
+
+    fn strict(&self) -> bool {
+        self.config.order == DeliveryOrder::Strict
+    }
+
+    /// Sleeps `d`, or less if shutdown comes; returns false on shutdown.
+    async fn nap(&self, d: Duration) -> bool {
+        let mut shutdown = self.shutdown.clone();
+        tokio::select! {
+            _ = tokio::time::sleep(d) => !self.stopping(),
+            _ = shutdown.wait_for(|s| *s) => false,
+        }
+    }
+
+    pub(crate) async fn run(self) {
+        let mut retry = RetryDelay::new(Duration::from_millis(50), Duration::from_secs(2));
+        while let Err(e) = self.store.ensure_group().await {
+            debug!(error = %e, "cannot create the consumer group yet");
+            if !self.nap(retry.next()).await {
+                return;
+            }
+        }
+        retry.reset();
+        let mut last_reclaim: Option<Instant> = None;
+        let mut was_up = false;
+
+        while !self.stopping() {
+            // Pause while the target is not known to be up.
+            if self.view.health() != Health::Up {
+                if was_up {
+                    info!("target down: drain paused");
+                }
+                was_up = false;
+                let mut shutdown = self.shutdown.clone();
+                tokio::select! {
+                    _ = self.view.wait_for(Health::Up) => {}
+                    _ = shutdown.wait_for(|s| *s) => break,
+                }
+                continue;
+            }
+            if !was_up {
+                was_up = true;
+                lock(&self.pacer).restart();
+            }
+
+            if self.strict() {
+                match self.store.lease(&self.consumer, self.config.lease_ttl).await {
+                    Ok(true) => {
+                        *lock(&self.last_renewal) = Instant::now();
+                        if !self.leader.swap(true, Ordering::AcqRel) {
+                            // A new leader takes over whatever the previous
+                            // one had claimed: those entries are the oldest.
+                            match self.store.claim(&self.consumer, Duration::ZERO).await {
+                                Ok(n) if n > 0 => info!(claimed = n, "drain lease taken; took over pending entries"),
+                                Ok(_) => debug!("drain lease taken"),
+                                Err(e) => {
+                                    warn!(error = %e, "cannot claim pending entries");
+                                    self.leader.store(false, Ordering::Release);
+                                    if !self.nap(retry.next()).await {
+                                        break;
+                                    }
+                                    continue;
+                                }
+                            }
+                        }
+                    }
+                    Ok(false) => {
+                        self.leader.store(false, Ordering::Release);
+                        // Another replica drains; check again within a lease
+                        // period so a dead one is replaced in time.
+                        if !self.nap(self.config.lease_ttl / 3).await {
+                            break;
+                        }
+                        continue;
+                    }
+                    Err(e) => {
+                        debug!(error = %e, "lease unavailable");
+                        self.leader.store(false, Ordering::Release);
+                        if !self.nap(retry.next()).await {
+                            break;
+                        }
+                        continue;
+                    }
+                }
+            } else if last_reclaim.is_none_or(|at| at.elapsed() >= self.config.visibility_timeout / 2) {
+                last_reclaim = Some(Instant::now());
+                match self.store.claim(&self.consumer, self.config.visibility_timeout).await {
+                    Ok(n) if n > 0 => info!(claimed = n, "took over entries idle past the visibility timeout"),
+                    Ok(_) => {}
+                    Err(e) => debug!(error = %e, "reclaim failed"),
+                }
+            }
+
+            let batch = match self.next_batch().await {
+                Ok(batch) => batch,
+                Err(e) => {
+                    debug!(error = %e, "cannot read the buffer");
+                    if !self.nap(retry.next()).await {
+                        break;
+                    }
+                    continue;
+                }
+            };
+            retry.reset();
+            if batch.is_empty() {
+                self.idle().await;
+                continue;
+            }
+            self.drain_batch(batch).await;
+        }
+
+        if self.strict() && self.leader.load(Ordering::Acquire) {
+            let _ = self.store.release(&self.consumer).await;
+        }
+        debug!("replayer stopped");
+    }
+
+    /// This consumer's pending entries first (claimed earlier, or taken
+    /// over), then new ones.
+    async fn next_batch(&self) -> Result<Vec<RawEntry>, crate::RedisError> {
+        let pending = self.store.read(&self.consumer, self.config.batch, false).await?;
+        if !pending.is_empty() {
+            return Ok(pending);
+        }
+        self.store.read(&self.consumer, self.config.batch, true).await
+    }
+
+    /// Nothing to do: wait for the buffer to grow, the heartbeat to change,
+    /// the safety poll or shutdown.
+    async fn idle(&self) {
+        let mut shutdown = self.shutdown.clone();
+        let mut health = self.view.changes();
+        tokio::select! {
+            _ = self.view.backlog_grew() => {}
+            _ = health.changed() => {}
+            _ = tokio::time::sleep(self.config.poll_interval) => {}
+            _ = shutdown.wait_for(|s| *s) => {}
+        }
+    }
+
+    async fn drain_batch(&self, batch: Vec<RawEntry>) {
+        // Entries delivered before (marker set) but not removed: skip them.
+        let ids: Vec<&str> = batch.iter().map(|e| e.request_id().unwrap_or("")).collect();
+        let done = match self.store.done(&ids).await {
+            Ok(done) => done,
+            Err(e) => {
+                debug!(error = %e, "cannot read processed-markers");
+                return;
+            }
+        };
+        let mut acks = Vec::new();
+        let mut todo = Vec::new();
+        for (entry, done) in batch.into_iter().zip(done) {
+            if done {
+                self.stats.skipped.fetch_add(1, Ordering::Relaxed);
+                self.emit(&entry, entry.request_id().unwrap_or(""), ReplayEventKind::Skipped);
+                acks.push((entry.entry_id.clone(), String::new()));
+            } else {
+                todo.push(entry);
+            }
+        }
+        let in_flight = if self.strict() {
+            1
+        } else {
+            self.config.max_in_flight.max(1)
+        };
+        let delivered: Vec<Option<(String, String)>> = if in_flight == 1 {
+            // One at a time, in order.
+            let mut out = Vec::with_capacity(todo.len());
+            for entry in todo {
+                let result = self.deliver_entry(entry).await;
+                let stop = result.is_none() && (self.stopping() || !self.still_leader());
+                out.push(result);
+                if stop {
+                    break;
+                }
+            }
+            out
+        } else {
+            stream::iter(todo)
+                .map(|entry| self.deliver_entry(entry))
+                .buffer_unordered(in_flight)
+                .collect()
+                .await
+        };
+        acks.extend(delivered.into_iter().flatten());
+        if let Err(e) = self.store.ack(&acks, self.config.marker_ttl).await {
+            // They stay pending and are delivered again (same key): at least
+            // once.
+            warn!(error = %e, entries = acks.len(), "cannot acknowledge delivered entries; they will be delivered again");
+        }
+    }
+
+    fn still_leader(&self) -> bool {
+        !self.strict() || self.leader.load(Ordering::Acquire)
+    }
+
+    /// Strict order: renews the lease between deliveries when due.
+    async fn renew_if_due(&self) {
+        if !self.strict() {
+            return;
+        }
+        let due = lock(&self.last_renewal).elapsed() >= self.config.lease_ttl / 3;
+        if !due {
+            return;
+        }
+        match self.store.lease(&self.consumer, self.config.lease_ttl).await {
+            Ok(true) => *lock(&self.last_renewal) = Instant::now(),
+            Ok(false) => {
+                warn!("drain lease lost to another replica: stopping this batch");
+                self.leader.store(false, Ordering::Release);
+            }
+            Err(e) => {
+                // Keep going while the lease may still be ours; give up when
+                // it must have expired.
+                if lock(&self.last_renewal).elapsed() >= self.config.lease_ttl {
+                    warn!(error = %e, "drain lease could not be renewed in time: stopping this batch");
+                    self.leader.store(false, Ordering::Release);
+                }
+            }
+        }
+    }
+
+    /// Waits until a delivery may go: target up, no pause, pacing. Returns
+    /// false when it must not (shutdown, lease lost).
+    async fn wait_turn(&self) -> bool {
+        loop {
+            if self.stopping() || !self.still_leader() {
+                return false;
+            }
+            if self.view.health() != Health::Up {
+                let mut shutdown = self.shutdown.clone();
+                tokio::select! {
+                    _ = self.view.wait_for(Health::Up) => {}
+                    _ = shutdown.wait_for(|s| *s) => return false,
+                }
+                lock(&self.pacer).restart();
+                continue;
+            }
+            let paused = *lock(&self.paused_until);
+            if let Some(until) = paused.filter(|u| *u > Instant::now()) {
+                if !self.nap(until - Instant::now()).await {
+                    return false;
+                }
+                continue;
+            }
+            let slot = lock(&self.pacer).next_slot();
+            if let Some(at) = slot.filter(|at| *at > Instant::now()) {
+                if !self.nap(at - Instant::now()).await {
+                    return false;
+                }
+            }
+            return true;
+        }
+    }
+
+    /// Delivers one entry until acknowledged, dead-lettered, or stopped.
+    /// Returns `(entry id, request id)` to acknowledge.
+    async fn deliver_entry(&self, entry: RawEntry) -> Option<(String, String)> {
+        let Some(fields) = &entry.fields else {
+            // Deleted while pending (by hand, or a purge): only clear it.
+            return Some((entry.entry_id, String::new()));
+        };
+        let envelope = match Envelope::from_fields(
+            fields.iter().map(|(k, v)| (k.as_slice(), v.as_slice())),
+        ) {
+            Ok(envelope) => envelope,
+            Err(malformed) => {
+                self.dead_letter(&entry, "", malformed.to_string()).await;
+                return None;
+            }
+        };
+        if let Some(max_age) = self.config.max_age {
+            let age = Duration::from_millis(unix_ms().saturating_sub(envelope.enqueued_at_ms));
+            if age > max_age {
+                let reason = format!("expired: waited {}s, max_age is {}s", age.as_secs(), max_age.as_secs());
+                self.dead_letter(&entry, &envelope.id, reason).await;
+                return None;
+            }
+        }
+
+        let mut delay = RetryDelay::new(self.config.backoff_base, self.config.backoff_max);
+        let mut attempt: u32 = 0;
+        loop {
+            self.renew_if_due().await;
+            if !self.wait_turn().await {
+                return None;
+            }
+            attempt += 1;
+            let request = replay_request(&envelope, attempt);
+            let mut service = lock(&self.service).clone();
+            // The service is polled ready before every call.
+            let ready: Result<(), BoxError> =
+                poll_fn(|cx| service.poll_ready(cx)).await.map_err(Into::into);
+            let verdict = match ready {
+                Err(e) => self.policy.judge(Attempt::Failed(&*e)),
+                Ok(()) => match service.call(request).await.map_err(Into::<BoxError>::into) {
+                    Ok(response) => {
+                        let (parts, body) = response.into_parts();
+                        drain(body).await;
+                        let verdict = self.policy.judge(Attempt::Answered(&parts));
+                        if verdict == Verdict::Acknowledge {
+                            self.stats.delivered.fetch_add(1, Ordering::Relaxed);
+                            self.emit(&entry, &envelope.id, ReplayEventKind::Delivered { status: parts.status, attempt });
+                            return Some((entry.entry_id.clone(), envelope.id.clone()));
+                        }
+                        verdict
+                    }
+                    Err(e) => self.policy.judge(Attempt::Failed(&*e)),
+                },
+            };
+            match verdict {
+                Verdict::Acknowledge => {
+                    // A policy may acknowledge a failed call (for instance
+                    // a target known to have received it).
+                    self.stats.delivered.fetch_add(1, Ordering::Relaxed);
+                    return Some((entry.entry_id.clone(), envelope.id.clone()));
+                }
+                Verdict::DeadLetter { reason } => {
+                    self.dead_letter(&entry, &envelope.id, reason).await;
+                    return None;
+                }
+                Verdict::Retry { after, pause, reason } => {
+                    if attempt >= self.config.max_attempts {
+                        let reason = format!("{reason}; gave up after {attempt} attempts");
+                        self.dead_letter(&entry, &envelope.id, reason).await;
+                        return None;
+                    }
+                    let wait = after.unwrap_or_else(|| delay.next());
+                    if pause {
+                        *lock(&self.paused_until) = Some(Instant::now() + wait);
+                    }
+                    self.stats.retried.fetch_add(1, Ordering::Relaxed);
+                    debug!(id = %envelope.id, attempt, ?wait, %reason, "delivery failed; retrying");
+                    self.emit(&entry, &envelope.id, ReplayEventKind::Retrying { attempt, after: wait, reason });
+                    if !self.nap(wait).await {
+                        return None;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn dead_letter(&self, entry: &RawEntry, id: &str, reason: String) {
+        match self.store.dead_letter(entry, &reason, unix_ms()).await {
+            Ok(()) => {
+                self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                warn!(id = %id, entry = %entry.entry_id, %reason, "dead-lettered");
+                self.emit(entry, id, ReplayEventKind::DeadLettered { reason });
+            }
+            // It stays pending and is judged again on the next read.
+            Err(e) => warn!(id = %id, error = %e, "cannot dead-letter; will retry"),
+        }
+    }
+
+    fn emit(&self, entry: &RawEntry, id: &str, kind: ReplayEventKind) {
+        let _ = self.events.send(ReplayEvent {
+            id: id.to_owned(),
+            entry_id: entry.entry_id.clone(),
+            kind,
+        });
+    }
+}
+
+/// The stored request, as sent again.
+fn replay_request<B>(envelope: &Envelope, attempt: u32) -> Request<RequestBody<B>> {
+    let mut request = envelope.clone().into_request().map(RequestBody::full);
+    let headers = request.headers_mut();
+    headers.insert(REPLAY_HEADER, HeaderValue::from_static("1"));
+    headers.insert(ATTEMPT_HEADER, HeaderValue::from(envelope.attempts + attempt));
+    request
+}
+
+/// Reads a response body so its connection can be reused; gives up past
+/// [`DRAIN_LIMIT`].
+async fn drain<RB: Body>(body: RB) {
+    let mut body = std::pin::pin!(body);
+    let mut read = 0usize;
+    while let Some(frame) = poll_fn(|cx| body.as_mut().poll_frame(cx)).await {
+        match frame {
+            Ok(frame) => {
+                if let Some(data) = frame.data_ref() {
+                    read += bytes::Buf::remaining(data);
+                }
+                if read > DRAIN_LIMIT {
+                    return;
+                }
+            }
+            Err(_) => return,
+        }
+    }
+}
+
+/// Exponential backoff with jitter.
+struct RetryDelay {
+    base: Duration,
+    max: Duration,
+    current: Duration,
+}
+
+impl RetryDelay {
+    fn new(base: Duration, max: Duration) -> Self {
+        Self {
+            base,
+            max,
+            current: base,
+        }
+    }
+
+    fn next(&mut self) -> Duration {
+        let d = self.current;
+        self.current = (self.current * 2).min(self.max);
+        // Full jitter on the upper half: spreads retries of many entries
+        // and replicas without ever waiting less than half the step.
+        let jitter = jitter_fraction();
+        d / 2 + d.mul_f64(jitter / 2.0)
+    }
+
+    fn reset(&mut self) {
+        self.current = self.base;
+    }
+}
+
+fn jitter_fraction() -> f64 {
+    // Derived from a fresh id: no randomness dependency, varies per call.
+    let id = crate::id::new_id();
+    let tail = u64::from_str_radix(&id.replace('-', "")[20..32], 16).unwrap_or(0);
+    (tail % 10_000) as f64 / 10_000.0
+}
+
+/// Rate limit with a slow start after each resume.
+struct Pacer {
+    max_per_second: Option<f64>,
+    slow_start: Duration,
+    started: Instant,
+    next: Instant,
+}
+
+impl Pacer {
+    fn new(max_per_second: Option<f64>, slow_start: Duration) -> Self {
+        Self {
+            max_per_second,
+            slow_start,
+            started: Instant::now(),
+            next: Instant::now(),
+        }
+    }
+
+    fn restart(&mut self) {
+        self.started = Instant::now();
+        self.next = self.started;
+    }
+
+    fn rate(&self) -> Option<f64> {
+        let elapsed = self.started.elapsed();
+        let ramp = (elapsed < self.slow_start)
+            .then(|| 20.0 * 2f64.powf(elapsed.as_secs_f64() / 0.25));
+        match (ramp, self.max_per_second) {
+            (Some(r), Some(m)) => Some(r.min(m)),
+            (r, m) => r.or(m),
+        }
+    }
+
+    /// When the next delivery may go (`None`: now, no limit).
+    fn next_slot(&mut self) -> Option<Instant> {
+        let rate = self.rate()?.max(0.001);
+        let now = Instant::now();
+        let at = self.next.max(now);
+        self.next = at + Duration::from_secs_f64(1.0 / rate);
+        Some(at)
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_with_jitter_and_caps() {
+        let mut d = RetryDelay::new(Duration::from_millis(100), Duration::from_millis(400));
+        let a = d.next();
+        assert!(a >= Duration::from_millis(50) && a <= Duration::from_millis(100), "{a:?}");
+        let b = d.next();
+        assert!(b >= Duration::from_millis(100) && b <= Duration::from_millis(200), "{b:?}");
+        d.next();
+        let capped = d.next();
+        assert!(capped <= Duration::from_millis(400), "{capped:?}");
+    }
+
+    #[test]
+    fn pacer_ramps_then_lets_go() {
+        let mut p = Pacer::new(None, Duration::from_millis(0));
+        assert_eq!(p.next_slot(), None);
+        let mut p = Pacer::new(Some(10.0), Duration::ZERO);
+        let a = p.next_slot().unwrap();
+        let b = p.next_slot().unwrap();
+        assert!(b - a >= Duration::from_millis(99));
+        let mut p = Pacer::new(None, Duration::from_secs(10));
+        let a = p.next_slot().unwrap();
+        let b = p.next_slot().unwrap();
+        assert!(b - a >= Duration::from_millis(40), "starts near 20/s");
+    }
+}
