@@ -119,7 +119,11 @@ impl DeadLetters {
     /// The oldest `count` dead letters.
     pub async fn list(&self, count: usize) -> Result<Vec<DeadLetter>, RedisError> {
         let mut cmd = redis::cmd("XRANGE");
-        cmd.arg(&self.dead).arg("-").arg("+").arg("COUNT").arg(count);
+        cmd.arg(&self.dead)
+            .arg("-")
+            .arg("+")
+            .arg("COUNT")
+            .arg(count);
         let reply: Value = self.query("dead letters list", &cmd).await?;
         let Value::Array(entries) = reply else {
             return Ok(Vec::new());
@@ -161,7 +165,9 @@ impl DeadLetters {
 
 impl fmt::Debug for DeadLetters {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("DeadLetters").field("key", &self.dead).finish()
+        f.debug_struct("DeadLetters")
+            .field("key", &self.dead)
+            .finish()
     }
 }
 
@@ -174,9 +180,13 @@ fn bytes(v: &Value) -> Vec<u8> {
 }
 
 fn parse_dead_letter(entry: &Value) -> Option<DeadLetter> {
-    let Value::Array(pair) = entry else { return None };
+    let Value::Array(pair) = entry else {
+        return None;
+    };
     let entry_id = String::from_utf8(bytes(pair.first()?)).ok()?;
-    let Value::Array(flat) = pair.get(1)? else { return None };
+    let Value::Array(flat) = pair.get(1)? else {
+        return None;
+    };
     let fields: Vec<(Vec<u8>, Vec<u8>)> = flat
         .chunks(2)
         .map(|kv| (bytes(&kv[0]), kv.get(1).map(bytes).unwrap_or_default()))

@@ -78,8 +78,8 @@ use tokio::task::JoinHandle;
 
 pub use dead::{DeadLetter, DeadLetters};
 pub use policy::{Attempt, DefaultReplayPolicy, ReplayPolicy, Verdict};
-pub use worker::{ATTEMPT_HEADER, REPLAY_HEADER};
 pub(crate) use store::Store;
+pub use worker::{ATTEMPT_HEADER, REPLAY_HEADER};
 
 use crate::error::RedisError;
 use crate::heartbeat::{TargetView, Watcher};
@@ -247,8 +247,10 @@ impl ReplayerBuilder {
     /// equivalent). Must be called within a Tokio runtime.
     pub fn spawn<S, B, RB>(self, service: S) -> ReplayHandle
     where
-        S: tower_service::Service<http::Request<crate::RequestBody<B>>, Response = http::Response<RB>>
-            + Clone
+        S: tower_service::Service<
+                http::Request<crate::RequestBody<B>>,
+                Response = http::Response<RB>,
+            > + Clone
             + Send
             + 'static,
         S::Future: Send,
@@ -276,7 +278,8 @@ impl ReplayerBuilder {
             shutdown,
             Arc::clone(&stats),
         );
-        let span = tracing::debug_span!("replay", target = %self.view.target(), consumer = %consumer);
+        let span =
+            tracing::debug_span!("replay", target = %self.view.target(), consumer = %consumer);
         let task = tokio::spawn(tracing::Instrument::instrument(worker.run(), span));
         ReplayHandle {
             target: self.view.target().clone(),
@@ -305,7 +308,10 @@ pub struct Replayer;
 impl Replayer {
     /// A replayer for `target`, watching it with `watcher` (loads its state
     /// first).
-    pub async fn builder(watcher: &Watcher, target: &Target) -> Result<ReplayerBuilder, RedisError> {
+    pub async fn builder(
+        watcher: &Watcher,
+        target: &Target,
+    ) -> Result<ReplayerBuilder, RedisError> {
         let view = watcher.watch(target).await;
         let config = redis::aio::ConnectionManagerConfig::new()
             .set_response_timeout(Some(Duration::from_secs(1)))

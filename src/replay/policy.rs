@@ -116,16 +116,27 @@ mod tests {
     fn default_policy_follows_the_table() {
         assert_eq!(answered(200, None), Verdict::Acknowledge);
         assert_eq!(answered(204, None), Verdict::Acknowledge);
-        assert!(matches!(answered(500, None), Verdict::Retry { pause: false, .. }));
+        assert!(matches!(
+            answered(500, None),
+            Verdict::Retry { pause: false, .. }
+        ));
         assert!(matches!(
             answered(429, Some("3")),
             Verdict::Retry { after: Some(d), pause: true, .. } if d == Duration::from_secs(3)
         ));
-        assert!(matches!(answered(503, None), Verdict::Retry { pause: true, .. }));
+        assert!(matches!(
+            answered(503, None),
+            Verdict::Retry { pause: true, .. }
+        ));
         assert!(matches!(answered(408, None), Verdict::Retry { .. }));
-        assert!(matches!(answered(400, None), Verdict::DeadLetter { reason } if reason.contains("400")));
+        assert!(
+            matches!(answered(400, None), Verdict::DeadLetter { reason } if reason.contains("400"))
+        );
         assert!(matches!(answered(301, None), Verdict::DeadLetter { .. }));
         let err = std::io::Error::other("reset");
-        assert!(matches!(DefaultReplayPolicy.judge(Attempt::Failed(&err)), Verdict::Retry { .. }));
+        assert!(matches!(
+            DefaultReplayPolicy.judge(Attempt::Failed(&err)),
+            Verdict::Retry { .. }
+        ));
     }
 }

@@ -189,7 +189,11 @@ impl Store {
 
     /// Claims pending entries idle for at least `min_idle` from any consumer
     /// (all of them with zero). Returns how many were claimed.
-    pub(crate) async fn claim(&self, consumer: &str, min_idle: Duration) -> Result<usize, RedisError> {
+    pub(crate) async fn claim(
+        &self,
+        consumer: &str,
+        min_idle: Duration,
+    ) -> Result<usize, RedisError> {
         let mut claimed = 0;
         let mut cursor = String::from("0-0");
         loop {
@@ -204,7 +208,10 @@ impl Store {
                 .arg("JUSTID");
             let reply: Value = self.run("claim", &cmd).await?;
             let Value::Array(parts) = reply else { break };
-            let next = parts.first().and_then(as_text).unwrap_or_else(|| "0-0".into());
+            let next = parts
+                .first()
+                .and_then(as_text)
+                .unwrap_or_else(|| "0-0".into());
             if let Some(Value::Array(ids)) = parts.get(1) {
                 claimed += ids.len();
             }
@@ -246,7 +253,9 @@ impl Store {
         for (entry_id, request_id) in entries {
             invocation.arg(entry_id).arg(request_id);
         }
-        self.invoke::<i64>("acknowledge", &invocation).await.map(drop)
+        self.invoke::<i64>("acknowledge", &invocation)
+            .await
+            .map(drop)
     }
 
     /// Moves an entry to the dead letters with `reason`.
@@ -266,7 +275,9 @@ impl Store {
         for (name, value) in entry.fields.iter().flatten() {
             invocation.arg(name.as_slice()).arg(value.as_slice());
         }
-        self.invoke::<Value>("dead-letter", &invocation).await.map(drop)
+        self.invoke::<Value>("dead-letter", &invocation)
+            .await
+            .map(drop)
     }
 
     /// Takes or renews the drain lease for `holder`.
@@ -275,14 +286,18 @@ impl Store {
         invocation
             .arg(holder)
             .arg(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX));
-        self.invoke::<i64>("lease", &invocation).await.map(|n| n == 1)
+        self.invoke::<i64>("lease", &invocation)
+            .await
+            .map(|n| n == 1)
     }
 
     /// Gives the lease up if `holder` has it.
     pub(crate) async fn release(&self, holder: &str) -> Result<(), RedisError> {
         let mut invocation = self.release.key(&self.lease);
         invocation.arg(holder);
-        self.invoke::<i64>("lease release", &invocation).await.map(drop)
+        self.invoke::<i64>("lease release", &invocation)
+            .await
+            .map(drop)
     }
 }
 
@@ -333,19 +348,31 @@ fn parse_read(reply: &Value) -> Vec<RawEntry> {
     };
     let mut out = Vec::new();
     for entries in streams {
-        let Value::Array(entries) = entries else { continue };
+        let Value::Array(entries) = entries else {
+            continue;
+        };
         for entry in entries {
             let Value::Array(pair) = entry else { continue };
-            let Some(entry_id) = pair.first().and_then(as_text) else { continue };
+            let Some(entry_id) = pair.first().and_then(as_text) else {
+                continue;
+            };
             let fields = match pair.get(1) {
                 Some(Value::Array(flat)) => Some(
                     flat.chunks(2)
-                        .map(|kv| (as_bytes(&kv[0]), kv.get(1).map(as_bytes).unwrap_or_default()))
+                        .map(|kv| {
+                            (
+                                as_bytes(&kv[0]),
+                                kv.get(1).map(as_bytes).unwrap_or_default(),
+                            )
+                        })
                         .collect(),
                 ),
-                Some(Value::Map(pairs)) => {
-                    Some(pairs.iter().map(|(k, v)| (as_bytes(k), as_bytes(v))).collect())
-                }
+                Some(Value::Map(pairs)) => Some(
+                    pairs
+                        .iter()
+                        .map(|(k, v)| (as_bytes(k), as_bytes(v)))
+                        .collect(),
+                ),
                 _ => None,
             };
             out.push(RawEntry { entry_id, fields });
@@ -367,9 +394,15 @@ mod tests {
         let reply = Value::Array(vec![Value::Array(vec![
             bulk(b"q"),
             Value::Array(vec![
-                Value::Array(vec![bulk(b"1-0"), Value::Array(vec![bulk(b"id"), bulk(b"k1")])]),
+                Value::Array(vec![
+                    bulk(b"1-0"),
+                    Value::Array(vec![bulk(b"id"), bulk(b"k1")]),
+                ]),
                 Value::Array(vec![bulk(b"2-0"), Value::Nil]),
-                Value::Array(vec![bulk(b"3-0"), Value::Array(vec![bulk(b"\xff"), bulk(b"x"), bulk(b"odd")])]),
+                Value::Array(vec![
+                    bulk(b"3-0"),
+                    Value::Array(vec![bulk(b"\xff"), bulk(b"x"), bulk(b"odd")]),
+                ]),
                 Value::Int(7),
             ]),
         ])]);

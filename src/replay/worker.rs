@@ -52,7 +52,10 @@ pub(crate) struct Worker<S, B> {
 
 impl<S, B, RB> Worker<S, B>
 where
-    S: tower_service::Service<Request<RequestBody<B>>, Response = Response<RB>> + Clone + Send + 'static,
+    S: tower_service::Service<Request<RequestBody<B>>, Response = Response<RB>>
+        + Clone
+        + Send
+        + 'static,
     S::Future: Send,
     S::Error: Into<BoxError>,
     B: Send + 'static,
@@ -139,14 +142,21 @@ where
             }
 
             if self.strict() {
-                match self.store.lease(&self.consumer, self.config.lease_ttl).await {
+                match self
+                    .store
+                    .lease(&self.consumer, self.config.lease_ttl)
+                    .await
+                {
                     Ok(true) => {
                         *lock(&self.last_renewal) = Instant::now();
                         if !self.leader.swap(true, Ordering::AcqRel) {
                             // A new leader takes over whatever the previous
                             // one had claimed: those entries are the oldest.
                             match self.store.claim(&self.consumer, Duration::ZERO).await {
-                                Ok(n) if n > 0 => info!(claimed = n, "drain lease taken; took over pending entries"),
+                                Ok(n) if n > 0 => info!(
+                                    claimed = n,
+                                    "drain lease taken; took over pending entries"
+                                ),
                                 Ok(_) => debug!("drain lease taken"),
                                 Err(e) => {
                                     warn!(error = %e, "cannot claim pending entries");
@@ -177,10 +187,19 @@ where
                         continue;
                     }
                 }
-            } else if last_reclaim.is_none_or(|at| at.elapsed() >= self.config.visibility_timeout / 2) {
+            } else if last_reclaim
+                .is_none_or(|at| at.elapsed() >= self.config.visibility_timeout / 2)
+            {
                 last_reclaim = Some(Instant::now());
-                match self.store.claim(&self.consumer, self.config.visibility_timeout).await {
-                    Ok(n) if n > 0 => info!(claimed = n, "took over entries idle past the visibility timeout"),
+                match self
+                    .store
+                    .claim(&self.consumer, self.config.visibility_timeout)
+                    .await
+                {
+                    Ok(n) if n > 0 => info!(
+                        claimed = n,
+                        "took over entries idle past the visibility timeout"
+                    ),
                     Ok(_) => {}
                     Err(e) => debug!(error = %e, "reclaim failed"),
                 }
@@ -213,11 +232,16 @@ where
     /// This consumer's pending entries first (claimed earlier, or taken
     /// over), then new ones.
     async fn next_batch(&self) -> Result<Vec<RawEntry>, crate::RedisError> {
-        let pending = self.store.read(&self.consumer, self.config.batch, false).await?;
+        let pending = self
+            .store
+            .read(&self.consumer, self.config.batch, false)
+            .await?;
         if !pending.is_empty() {
             return Ok(pending);
         }
-        self.store.read(&self.consumer, self.config.batch, true).await
+        self.store
+            .read(&self.consumer, self.config.batch, true)
+            .await
     }
 
     /// Nothing to do: wait for the buffer to grow, the heartbeat to change,
@@ -248,7 +272,11 @@ where
         for (entry, done) in batch.into_iter().zip(done) {
             if done {
                 self.stats.skipped.fetch_add(1, Ordering::Relaxed);
-                self.emit(&entry, entry.request_id().unwrap_or(""), ReplayEventKind::Skipped);
+                self.emit(
+                    &entry,
+                    entry.request_id().unwrap_or(""),
+                    ReplayEventKind::Skipped,
+                );
                 acks.push((entry.entry_id.clone(), String::new()));
             } else {
                 todo.push(entry);
@@ -299,7 +327,11 @@ where
         if !due {
             return;
         }
-        match self.store.lease(&self.consumer, self.config.lease_ttl).await {
+        match self
+            .store
+            .lease(&self.consumer, self.config.lease_ttl)
+            .await
+        {
             Ok(true) => *lock(&self.last_renewal) = Instant::now(),
             Ok(false) => {
                 warn!("drain lease lost to another replica: stopping this batch");
@@ -356,19 +388,22 @@ where
             // Deleted while pending (by hand, or a purge): only clear it.
             return Some((entry.entry_id, String::new()));
         };
-        let envelope = match Envelope::from_fields(
-            fields.iter().map(|(k, v)| (k.as_slice(), v.as_slice())),
-        ) {
-            Ok(envelope) => envelope,
-            Err(malformed) => {
-                self.dead_letter(&entry, "", malformed.to_string()).await;
-                return None;
-            }
-        };
+        let envelope =
+            match Envelope::from_fields(fields.iter().map(|(k, v)| (k.as_slice(), v.as_slice()))) {
+                Ok(envelope) => envelope,
+                Err(malformed) => {
+                    self.dead_letter(&entry, "", malformed.to_string()).await;
+                    return None;
+                }
+            };
         if let Some(max_age) = self.config.max_age {
             let age = Duration::from_millis(unix_ms().saturating_sub(envelope.enqueued_at_ms));
             if age > max_age {
-                let reason = format!("expired: waited {}s, max_age is {}s", age.as_secs(), max_age.as_secs());
+                let reason = format!(
+                    "expired: waited {}s, max_age is {}s",
+                    age.as_secs(),
+                    max_age.as_secs()
+                );
                 self.dead_letter(&entry, &envelope.id, reason).await;
                 return None;
             }
@@ -385,8 +420,9 @@ where
             let request = replay_request(&envelope, attempt);
             let mut service = lock(&self.service).clone();
             // The service is polled ready before every call.
-            let ready: Result<(), BoxError> =
-                poll_fn(|cx| service.poll_ready(cx)).await.map_err(Into::into);
+            let ready: Result<(), BoxError> = poll_fn(|cx| service.poll_ready(cx))
+                .await
+                .map_err(Into::into);
             let verdict = match ready {
                 Err(e) => self.policy.judge(Attempt::Failed(&*e)),
                 Ok(()) => match service.call(request).await.map_err(Into::<BoxError>::into) {
@@ -396,7 +432,14 @@ where
                         let verdict = self.policy.judge(Attempt::Answered(&parts));
                         if verdict == Verdict::Acknowledge {
                             self.stats.delivered.fetch_add(1, Ordering::Relaxed);
-                            self.emit(&entry, &envelope.id, ReplayEventKind::Delivered { status: parts.status, attempt });
+                            self.emit(
+                                &entry,
+                                &envelope.id,
+                                ReplayEventKind::Delivered {
+                                    status: parts.status,
+                                    attempt,
+                                },
+                            );
                             return Some((entry.entry_id.clone(), envelope.id.clone()));
                         }
                         verdict
@@ -415,7 +458,11 @@ where
                     self.dead_letter(&entry, &envelope.id, reason).await;
                     return None;
                 }
-                Verdict::Retry { after, pause, reason } => {
+                Verdict::Retry {
+                    after,
+                    pause,
+                    reason,
+                } => {
                     if attempt >= self.config.max_attempts {
                         let reason = format!("{reason}; gave up after {attempt} attempts");
                         self.dead_letter(&entry, &envelope.id, reason).await;
@@ -427,7 +474,15 @@ where
                     }
                     self.stats.retried.fetch_add(1, Ordering::Relaxed);
                     debug!(id = %envelope.id, attempt, ?wait, %reason, "delivery failed; retrying");
-                    self.emit(&entry, &envelope.id, ReplayEventKind::Retrying { attempt, after: wait, reason });
+                    self.emit(
+                        &entry,
+                        &envelope.id,
+                        ReplayEventKind::Retrying {
+                            attempt,
+                            after: wait,
+                            reason,
+                        },
+                    );
                     if !self.nap(wait).await {
                         return None;
                     }
@@ -462,7 +517,10 @@ fn replay_request<B>(envelope: &Envelope, attempt: u32) -> Request<RequestBody<B
     let mut request = envelope.clone().into_request().map(RequestBody::full);
     let headers = request.headers_mut();
     headers.insert(REPLAY_HEADER, HeaderValue::from_static("1"));
-    headers.insert(ATTEMPT_HEADER, HeaderValue::from(envelope.attempts + attempt));
+    headers.insert(
+        ATTEMPT_HEADER,
+        HeaderValue::from(envelope.attempts + attempt),
+    );
     request
 }
 
@@ -548,8 +606,8 @@ impl Pacer {
 
     fn rate(&self) -> Option<f64> {
         let elapsed = self.started.elapsed();
-        let ramp = (elapsed < self.slow_start)
-            .then(|| 20.0 * 2f64.powf(elapsed.as_secs_f64() / 0.25));
+        let ramp =
+            (elapsed < self.slow_start).then(|| 20.0 * 2f64.powf(elapsed.as_secs_f64() / 0.25));
         match (ramp, self.max_per_second) {
             (Some(r), Some(m)) => Some(r.min(m)),
             (r, m) => r.or(m),
@@ -578,9 +636,15 @@ mod tests {
     fn backoff_doubles_with_jitter_and_caps() {
         let mut d = RetryDelay::new(Duration::from_millis(100), Duration::from_millis(400));
         let a = d.next();
-        assert!(a >= Duration::from_millis(50) && a <= Duration::from_millis(100), "{a:?}");
+        assert!(
+            a >= Duration::from_millis(50) && a <= Duration::from_millis(100),
+            "{a:?}"
+        );
         let b = d.next();
-        assert!(b >= Duration::from_millis(100) && b <= Duration::from_millis(200), "{b:?}");
+        assert!(
+            b >= Duration::from_millis(100) && b <= Duration::from_millis(200),
+            "{b:?}"
+        );
         d.next();
         let capped = d.next();
         assert!(capped <= Duration::from_millis(400), "{capped:?}");
