@@ -8,6 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Mutex, MutexGuard, Once, PoisonError};
 use std::time::{Duration, Instant};
 
+use super::options::TlsFiles;
 use super::{redis_server_bin, RedisOptions};
 
 /// Prefix of every server's temp dir (used to sweep orphans of killed test runs).
@@ -17,6 +18,8 @@ const LOG_FILE: &str = "redis.log";
 const STDIO_FILE: &str = "stdio.log";
 const OWNER_PID_FILE: &str = "owner.pid";
 const SERVER_PID_FILE: &str = "server.pid";
+/// Subdirectory of the temp dir holding the TLS material (CA, server cert, keys).
+const TLS_DIR: &str = "tls";
 /// How long one launch may take until PING answers.
 const READY_TIMEOUT: Duration = Duration::from_secs(5);
 const READY_POLL: Duration = Duration::from_millis(5);
@@ -28,6 +31,10 @@ const ADMIN_IO_TIMEOUT: Duration = Duration::from_secs(5);
 /// A real `redis-server` process owned by the test: its own free port on
 /// 127.0.0.1, its own temp dir (config, log, AOF). Dropping it SIGKILLs and
 /// reaps the process, then deletes the temp dir.
+///
+/// With [`RedisOptions::tls`] it also listens with TLS on a second port
+/// ([`Self::tls_url`], trusting [`Self::ca_cert_path`]); [`Self::url`],
+/// [`Self::conn`] and the INFO helpers keep using the plain port.
 pub struct RedisServer {
     // NB: field order matters for Drop: the child is killed in `Drop::drop`,
     // the temp dir is removed afterwards when the fields are dropped.
@@ -35,6 +42,8 @@ pub struct RedisServer {
     /// Cached helper connection for INFO queries (no CLIENT SETINFO on connect).
     admin: Mutex<Option<redis::Connection>>,
     port: u16,
+    /// The TLS port and PEM files, when started with [`RedisOptions::tls`].
+    tls: Option<(u16, TlsFiles)>,
     bin: PathBuf,
     conf_path: PathBuf,
     dir: tempfile::TempDir,
@@ -69,17 +78,25 @@ impl RedisServer {
             &std::process::id().to_string(),
         );
         let conf_path = dir.path().join(CONF_FILE);
+        let tls_files = opts
+            .tls
+            .then(|| generate_tls_files(&dir.path().join(TLS_DIR)));
 
         let mut last_error = String::new();
         for _ in 0..START_ATTEMPTS {
-            let port = free_port();
-            write_file(&conf_path, &opts.render_conf(port, dir.path()));
+            let (port, tls_port) = free_port_pair();
+            let tls = tls_files.as_ref().map(|files| (tls_port, files));
+            write_file(
+                &conf_path,
+                &opts.render_conf_with_tls(port, tls, dir.path()),
+            );
             match launch(&bin, &conf_path, dir.path(), port) {
                 Launch::Ready(child) => {
                     return RedisServer {
                         child: Mutex::new(Some(child)),
                         admin: Mutex::new(None),
                         port,
+                        tls: tls_files.map(|files| (tls_port, files)),
                         bin,
                         conf_path,
                         dir,
@@ -105,6 +122,59 @@ impl RedisServer {
 
     pub fn client(&self) -> redis::Client {
         redis::Client::open(self.url()).expect("test redis-server: invalid url")
+    }
+
+    /// The TLS port, when started with [`RedisOptions::tls`].
+    pub fn tls_port(&self) -> Option<u16> {
+        self.tls.as_ref().map(|(port, _)| *port)
+    }
+
+    /// `rediss://127.0.0.1:PORT/` (the TLS port). Panics unless the server
+    /// was started with [`RedisOptions::tls`].
+    pub fn tls_url(&self) -> String {
+        format!("rediss://127.0.0.1:{}/", self.tls_state("tls_url").0)
+    }
+
+    /// PEM file of the throwaway CA that signed the server's certificate (for
+    /// `127.0.0.1` and `localhost`). Panics unless started with
+    /// [`RedisOptions::tls`].
+    pub fn ca_cert_path(&self) -> PathBuf {
+        self.tls_state("ca_cert_path").1.ca_cert.clone()
+    }
+
+    /// A client for [`Self::tls_url`] that trusts [`Self::ca_cert_path`]
+    /// (needs the crate's `tls` feature, which turns on redis-rs' rustls).
+    #[cfg(feature = "tls")]
+    pub fn tls_client(&self) -> redis::Client {
+        self.tls_client_for(&self.tls_url())
+    }
+
+    /// A client for `url` (a `rediss://` URL of this server, e.g. with
+    /// `?protocol=resp3`) that trusts [`Self::ca_cert_path`].
+    #[cfg(feature = "tls")]
+    pub fn tls_client_for(&self, url: &str) -> redis::Client {
+        let ca = fs::read(self.ca_cert_path()).unwrap_or_else(|e| {
+            panic!(
+                "test redis-server: cannot read {}: {e}",
+                self.ca_cert_path().display()
+            )
+        });
+        redis::Client::build_with_tls(
+            url,
+            redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(ca),
+            },
+        )
+        .unwrap_or_else(|e| panic!("test redis-server: TLS client for {url}: {e}"))
+    }
+
+    fn tls_state(&self, what: &str) -> &(u16, TlsFiles) {
+        self.tls.as_ref().unwrap_or_else(|| {
+            panic!(
+                "test redis-server: {what}() needs a server started with RedisOptions::tls(true)"
+            )
+        })
     }
 
     /// A fresh sync connection (no read/write timeout), for test setup/asserts.
@@ -275,6 +345,7 @@ impl std::fmt::Debug for RedisServer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisServer")
             .field("port", &self.port)
+            .field("tls_port", &self.tls_port())
             .field("pid", &self.pid())
             .field("dir", &self.dir.path())
             .finish()
@@ -290,11 +361,142 @@ fn write_file(path: &Path, content: &str) {
         .unwrap_or_else(|e| panic!("test redis-server: cannot write {}: {e}", path.display()));
 }
 
-/// A port that was free on 127.0.0.1 a moment ago (races are handled by retrying).
-fn free_port() -> u16 {
-    let listener = TcpListener::bind(("127.0.0.1", 0))
-        .unwrap_or_else(|e| panic!("test redis-server: cannot bind 127.0.0.1:0: {e}"));
-    listener.local_addr().expect("local_addr").port()
+/// Two distinct ports that were free on 127.0.0.1 a moment ago (the second
+/// is only used with TLS).
+fn free_port_pair() -> (u16, u16) {
+    let bind = || {
+        TcpListener::bind(("127.0.0.1", 0))
+            .unwrap_or_else(|e| panic!("test redis-server: cannot bind 127.0.0.1:0: {e}"))
+    };
+    // Both held at once, so the kernel cannot hand out the same port twice.
+    let (a, b) = (bind(), bind());
+    let port = |l: &TcpListener| l.local_addr().expect("local_addr").port();
+    (port(&a), port(&b))
+}
+
+/// OpenSSL config for the throwaway CA and the server certificate.
+const OPENSSL_CONF: &str = "\
+[req]
+distinguished_name = dn
+prompt = no
+
+[dn]
+CN = tower-heartbeat-buffer test
+
+[ca]
+basicConstraints = critical, CA:TRUE
+keyUsage = critical, keyCertSign, cRLSign
+subjectKeyIdentifier = hash
+
+[server]
+basicConstraints = critical, CA:FALSE
+keyUsage = critical, digitalSignature, keyEncipherment
+extendedKeyUsage = serverAuth
+subjectAltName = IP:127.0.0.1, DNS:localhost
+subjectKeyIdentifier = hash
+authorityKeyIdentifier = keyid
+";
+
+/// Generates a throwaway CA and a server certificate for 127.0.0.1 and
+/// localhost (P-256 keys, valid for two days) in `dir`, with the `openssl` CLI.
+fn generate_tls_files(dir: &Path) -> TlsFiles {
+    fs::create_dir_all(dir)
+        .unwrap_or_else(|e| panic!("test redis-server: cannot create {}: {e}", dir.display()));
+    let path = |name: &str| dir.join(name).display().to_string();
+    let (conf, ca_key, ca_cert) = (path("openssl.cnf"), path("ca.key"), path("ca.crt"));
+    let (key, csr, cert) = (path("server.key"), path("server.csr"), path("server.crt"));
+    write_file(Path::new(&conf), OPENSSL_CONF);
+    let genkey = |out: &str| {
+        openssl(&[
+            "genpkey",
+            "-algorithm",
+            "EC",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-out",
+            out,
+        ])
+    };
+    genkey(&ca_key);
+    openssl(&[
+        "req",
+        "-x509",
+        "-new",
+        "-sha256",
+        "-days",
+        "2",
+        "-config",
+        &conf,
+        "-extensions",
+        "ca",
+        "-subj",
+        "/CN=tower-heartbeat-buffer test CA",
+        "-key",
+        &ca_key,
+        "-out",
+        &ca_cert,
+    ]);
+    genkey(&key);
+    openssl(&[
+        "req",
+        "-new",
+        "-sha256",
+        "-config",
+        &conf,
+        "-subj",
+        "/CN=localhost",
+        "-key",
+        &key,
+        "-out",
+        &csr,
+    ]);
+    openssl(&[
+        "x509",
+        "-req",
+        "-sha256",
+        "-days",
+        "2",
+        "-set_serial",
+        "2",
+        "-extfile",
+        &conf,
+        "-extensions",
+        "server",
+        "-in",
+        &csr,
+        "-CA",
+        &ca_cert,
+        "-CAkey",
+        &ca_key,
+        "-out",
+        &cert,
+    ]);
+    TlsFiles {
+        ca_cert: ca_cert.into(),
+        server_cert: cert.into(),
+        server_key: key.into(),
+    }
+}
+
+/// Runs `openssl <args>`; panics with its stderr if it fails.
+fn openssl(args: &[&str]) {
+    let output = Command::new("openssl")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| {
+            panic!(
+                "test redis-server: RedisOptions::tls needs the `openssl` CLI \
+                 (`apt-get install openssl`): cannot run it: {e}"
+            )
+        });
+    assert!(
+        output.status.success(),
+        "test redis-server: `openssl {}` failed ({}):\n{}",
+        args.join(" "),
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
 }
 
 fn kill_and_reap(child: &mut Child) {
