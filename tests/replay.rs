@@ -11,7 +11,7 @@ use http::{Request, StatusCode};
 use http_body_util::Full;
 use redis::Commands;
 use support::layer_rig::{call, Buffered, Rig};
-use support::{hyper_client, wait_until, RedisOptions, RedisServer, Reply};
+use support::{hyper_client, wait_until, RedisServer, Reply};
 use tower_heartbeat_buffer::replay::{ReplayConfig, ReplayEventKind, ReplayHandle};
 use tower_heartbeat_buffer::{DeliveryOrder, Health, HeartbeatBufferLayer, Target, Watcher};
 
@@ -362,10 +362,8 @@ async fn two_replicas_in_relaxed_order_lose_nothing_and_duplicate_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_restart_mid_drain_loses_nothing() {
-    let redis = RedisServer::start_with(RedisOptions::new());
+    // The rig's Redis runs with AOF on (`appendfsync always`).
     let mut rig = Rig::start().await;
-    // Use a Rig whose Redis has AOF on (the default harness options).
-    drop(redis);
     rig.down().await;
     let mut service = rig.service(|b| b).await;
     const N: usize = 400;
@@ -425,4 +423,40 @@ async fn a_standalone_replayer_drains_a_target_it_does_not_call() {
     let _: () = redis.conn().set(target.heartbeat_key(), 1).unwrap();
     assert!(http.wait_for_requests(5, EVENTUALLY).await);
     replay.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_waits_for_the_grace_period_then_leaves_the_entry_pending() {
+    let rig = Rig::start().await;
+    rig.down().await;
+    let mut service = rig.service(|b| b).await;
+    buffer(&rig, &mut service, "g", 1).await;
+    rig.http.set_reply(Reply::Hang);
+    let mut config = fast();
+    config.grace = Duration::from_millis(300);
+    let replay = replayer(&rig, &service, config);
+    rig.up().await;
+    assert!(rig.http.wait_for_requests(1, EVENTUALLY).await);
+    let start = Instant::now();
+    replay.shutdown().await;
+    let took = start.elapsed();
+    assert!(took < Duration::from_secs(3), "shutdown took {took:?}");
+    // Not acknowledged: still in the buffer, for the next replayer.
+    let len: u64 = rig.redis.conn().xlen(rig.target.queue_key()).unwrap();
+    assert_eq!(len, 1);
+    rig.http.set_reply(Reply::Ok);
+    let again = replayer(&rig, &service, fast());
+    assert!(rig.http.wait_for_requests(2, EVENTUALLY).await);
+    let keys: Vec<String> = rig
+        .http
+        .received()
+        .iter()
+        .map(|r| r.headers["idempotency-key"].to_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        keys,
+        ["g-00000", "g-00000"],
+        "redelivered with the same key"
+    );
+    again.shutdown().await;
 }

@@ -262,6 +262,7 @@ impl ReplayerBuilder {
         let (shutdown_tx, shutdown) = watch::channel(false);
         let (events, _) = broadcast::channel(1024);
         let stats = Arc::new(Stats::default());
+        let grace = self.config.grace;
         let consumer = self
             .config
             .consumer
@@ -284,6 +285,7 @@ impl ReplayerBuilder {
         ReplayHandle {
             target: self.view.target().clone(),
             consumer,
+            grace,
             shutdown: shutdown_tx,
             events,
             stats,
@@ -328,6 +330,7 @@ impl Replayer {
 pub struct ReplayHandle {
     target: Target,
     consumer: String,
+    grace: Duration,
     shutdown: watch::Sender<bool>,
     events: broadcast::Sender<ReplayEvent>,
     stats: Arc<Stats>,
@@ -366,8 +369,16 @@ impl ReplayHandle {
     /// not delivered stay in the buffer for the next replayer.
     pub async fn shutdown(mut self) {
         self.shutdown.send_replace(true);
-        if let Some(task) = self.task.take() {
-            let _ = task.await;
+        if let Some(mut task) = self.task.take() {
+            // Deliveries under way get the grace period; a target that
+            // hangs past it does not hold the shutdown. What was not
+            // acknowledged stays pending and is delivered again later, with
+            // its key.
+            if tokio::time::timeout(self.grace, &mut task).await.is_err() {
+                tracing::warn!(target = %self.target, "replayer did not stop within its grace period; stopped it");
+                task.abort();
+                let _ = task.await;
+            }
         }
     }
 }
