@@ -273,22 +273,28 @@ where
                 0,
             ),
         },
-        (Then::Store, Collected::TooLarge { .. }) => State::Done {
-            answer: Some(Answer::refused(
-                UnavailableReason::BodyTooLarge {
-                    limit: ctx.shared.config.max_body_bytes,
-                },
-                id,
-            )),
-        },
-        (_, Collected::Failed(e)) => State::Done {
-            answer: Some(Answer::refused(
-                UnavailableReason::BodyReadFailed {
-                    detail: e.to_string(),
-                },
-                id,
-            )),
-        },
+        (Then::Store, Collected::TooLarge { .. }) => {
+            ctx.shared.metrics.refused("body_too_large");
+            State::Done {
+                answer: Some(Answer::refused(
+                    UnavailableReason::BodyTooLarge {
+                        limit: ctx.shared.config.max_body_bytes,
+                    },
+                    id,
+                )),
+            }
+        }
+        (_, Collected::Failed(e)) => {
+            ctx.shared.metrics.refused("body_read_failed");
+            State::Done {
+                answer: Some(Answer::refused(
+                    UnavailableReason::BodyReadFailed {
+                        detail: e.to_string(),
+                    },
+                    id,
+                )),
+            }
+        }
     }
 }
 

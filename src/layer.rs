@@ -188,6 +188,7 @@ impl<F> HeartbeatBufferBuilder<F> {
                 view,
                 queue,
                 breaker: Breaker::new(self.suspect_after, self.probe_interval),
+                metrics: crate::metrics::LayerMetrics::new(self.target.name()),
                 config: self.config,
                 redis_warned: std::sync::atomic::AtomicBool::new(false),
             }),
@@ -225,6 +226,7 @@ pub(crate) struct Shared {
     pub(crate) view: TargetView,
     pub(crate) queue: Queue,
     pub(crate) breaker: Breaker,
+    pub(crate) metrics: crate::metrics::LayerMetrics,
     pub(crate) config: Config,
     /// Set while a Redis failure has been logged, so an outage logs once.
     pub(crate) redis_warned: std::sync::atomic::AtomicBool,

@@ -94,6 +94,7 @@ mod future;
 pub mod heartbeat;
 mod id;
 mod layer;
+pub mod metrics;
 mod outcome;
 pub mod policy;
 mod queue;

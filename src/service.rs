@@ -118,10 +118,10 @@ where
             match identify(&mut parts) {
                 Some(id) => Some(id),
                 None => {
-                    return ResponseFuture::done(Answer::refused(
-                        UnavailableReason::InvalidIdempotencyKey,
-                        None,
-                    ))
+                    return refuse(
+                        &shared,
+                        Answer::refused(UnavailableReason::InvalidIdempotencyKey, None),
+                    )
                 }
             }
         } else {
@@ -134,6 +134,7 @@ where
 
         match decide(&shared, &parts, bufferable) {
             Decision::Forward => {
+                shared.metrics.forwarded.increment(1);
                 // Call the instance that was polled ready; the clone left
                 // behind is polled ready before the next call.
                 let clone = self.inner.clone();
@@ -168,29 +169,50 @@ where
                         let request = Request::from_parts(parts, RequestBody::streaming(body));
                         ResponseFuture::fallback(fallback, request)
                     }
-                    None => ResponseFuture::done(Answer::Refused {
-                        reason: UnavailableReason::NoFallback,
-                        id,
-                        retry_after,
-                    }),
+                    None => refuse(
+                        &shared,
+                        Answer::Refused {
+                            reason: UnavailableReason::NoFallback,
+                            id,
+                            retry_after,
+                        },
+                    ),
                 },
                 WhenDown::Buffer if bufferable => {
                     store_path(shared, id.unwrap_or_default(), parts, body, fits)
                 }
-                _ => ResponseFuture::done(Answer::Refused {
-                    reason: UnavailableReason::TargetDown,
-                    id,
-                    retry_after,
-                }),
+                _ => refuse(
+                    &shared,
+                    Answer::Refused {
+                        reason: UnavailableReason::TargetDown,
+                        id,
+                        retry_after,
+                    },
+                ),
             },
             Decision::JoinBacklog => store_path(shared, id.unwrap_or_default(), parts, body, fits),
-            Decision::Refuse(reason) => ResponseFuture::done(Answer::Refused {
-                reason,
-                id,
-                retry_after: None,
-            }),
+            Decision::Refuse(reason) => refuse(
+                &shared,
+                Answer::Refused {
+                    reason,
+                    id,
+                    retry_after: None,
+                },
+            ),
         }
     }
+}
+
+/// Answers by itself, counting the refusal.
+fn refuse<S, F, B>(shared: &Shared, answer: Answer) -> ResponseFuture<S, F, B>
+where
+    S: Service<Request<RequestBody<B>>>,
+    F: Service<Request<RequestBody<B>>>,
+{
+    if let Answer::Refused { reason, .. } = &answer {
+        shared.metrics.refused(reason.code());
+    }
+    ResponseFuture::done(answer)
 }
 
 /// What a response future needs to finish a call that was forwarded.
@@ -305,19 +327,22 @@ where
 {
     let limit = shared.config.max_body_bytes;
     if !fits {
-        return ResponseFuture::done(Answer::refused(
-            UnavailableReason::BodyTooLarge { limit },
-            Some(&id),
-        ));
+        return refuse(
+            &shared,
+            Answer::refused(UnavailableReason::BodyTooLarge { limit }, Some(&id)),
+        );
     }
     if !shared.view.redis_reachable() {
         // Known unreachable: answer now rather than wait for a timeout.
-        return ResponseFuture::done(Answer::refused(
-            UnavailableReason::RedisUnavailable {
-                detail: "redis is not answering".into(),
-            },
-            Some(&id),
-        ));
+        return refuse(
+            &shared,
+            Answer::refused(
+                UnavailableReason::RedisUnavailable {
+                    detail: "redis is not answering".into(),
+                },
+                Some(&id),
+            ),
+        );
     }
     if body.is_end_stream() {
         return ResponseFuture::storing(store(shared, id, parts, Bytes::new(), 0));
@@ -347,6 +372,10 @@ pub(crate) fn store(
         match shared.queue.enqueue(&entry, shared.view.backlog()).await {
             Ok(enqueued) => {
                 shared.view.note_backlog(enqueued.len);
+                shared.metrics.buffered.increment(1);
+                if attempts > 0 {
+                    shared.metrics.diverted.increment(1);
+                }
                 if shared.redis_warned.swap(false, Ordering::AcqRel) {
                     info!(target = %target, "buffer writable again");
                 }
@@ -357,10 +386,12 @@ pub(crate) fn store(
                 }
             }
             Err(EnqueueError::Full { len }) => {
+                shared.metrics.refused("queue_full");
                 debug!(target = %target, id = %id, len, "buffer full: refused");
                 Answer::refused(UnavailableReason::QueueFull { len }, Some(id))
             }
             Err(EnqueueError::Redis(e)) => {
+                shared.metrics.refused("redis_unavailable");
                 if !shared.redis_warned.swap(true, Ordering::AcqRel) {
                     warn!(target = %target, error = %e, "cannot write to the buffer; answering 503 until redis answers");
                 }

@@ -290,6 +290,7 @@ impl Watcher {
             queue_dirty: true,
             queue_type_warned: false,
             last: probe::assess(&[], std::time::Instant::now()),
+            metrics: crate::metrics::ViewMetrics::new(target.name()),
             reconcile_interval: self.inner.config.reconcile_interval,
             read_timeout: self.inner.config.read_timeout,
             hints,
@@ -469,6 +470,7 @@ struct TargetTask {
     queue_type_warned: bool,
     /// The verdict of the last heartbeat read.
     last: Assessment,
+    metrics: crate::metrics::ViewMetrics,
     reconcile_interval: Duration,
     read_timeout: Duration,
     hints: mpsc::UnboundedReceiver<Hint>,
@@ -492,9 +494,27 @@ impl TargetTask {
         };
         let mut retry_delay = RETRY_MIN;
         let mut discover = true;
+        // What woke this round, for the detection-latency histogram.
+        let mut hinted_at: Option<Instant> = None;
+        let mut deadline_passed: Option<Instant> = None;
         loop {
+            let before = self.last.health;
             match self.refresh(discover).await {
                 Ok(assessment) => {
+                    if assessment.health != before {
+                        self.metrics
+                            .up
+                            .set(f64::from(u8::from(assessment.health == Health::Up)));
+                        if let Some(at) = hinted_at {
+                            self.metrics
+                                .after_notification
+                                .record(at.elapsed().as_secs_f64());
+                        } else if let Some(deadline) = deadline_passed {
+                            self.metrics
+                                .after_deadline
+                                .record(deadline.elapsed().as_secs_f64());
+                        }
+                    }
                     retry_delay = RETRY_MIN;
                     schedule.retry_at = None;
                     schedule.deadline = assessment.deadline.map(Instant::from_std);
@@ -532,6 +552,8 @@ impl TargetTask {
                 _ = self.shutdown.changed() => return,
                 hint = self.hints.recv() => {
                     let Some(hint) = hint else { return };
+                    hinted_at = Some(Instant::now());
+                    deadline_passed = None;
                     discover |= self.absorb(hint);
                     while let Ok(hint) = self.hints.try_recv() {
                         discover |= self.absorb(hint);
@@ -550,6 +572,8 @@ impl TargetTask {
                 }
                 _ = sleep_until(wake_at) => {
                     let now = Instant::now();
+                    hinted_at = None;
+                    deadline_passed = schedule.deadline.filter(|d| now >= *d);
                     if backlog_poll.is_some_and(|at| now >= at) {
                         self.queue_dirty = true;
                     }
@@ -630,12 +654,25 @@ impl TargetTask {
 
     /// Reads the queue's length for strict ordering.
     async fn read_backlog(&mut self) -> Result<(), RedisError> {
-        let mut cmd = redis::cmd("XLEN");
-        cmd.arg(&self.queue_key);
-        let xlen = cmd.query_async::<u64>(&mut self.conn);
-        match timeout(self.read_timeout, xlen).await {
-            Ok(Ok(len)) => {
+        // The length, and the oldest entry's id (whose first part is the
+        // millisecond it was added) for the age gauge.
+        let mut pipe = redis::pipe();
+        pipe.cmd("XLEN").arg(&self.queue_key);
+        pipe.cmd("XRANGE")
+            .arg(&self.queue_key)
+            .arg("-")
+            .arg("+")
+            .arg("COUNT")
+            .arg(1);
+        let read = pipe.query_async::<(u64, Value)>(&mut self.conn);
+        match timeout(self.read_timeout, read).await {
+            Ok(Ok((len, oldest))) => {
                 self.state.set_backlog(len);
+                self.metrics.queue_depth.set(len as f64);
+                let age = oldest_entry_ms(&oldest)
+                    .map(|ms| crate::envelope::unix_ms().saturating_sub(ms) as f64 / 1000.0)
+                    .unwrap_or(0.0);
+                self.metrics.oldest_age.set(age);
                 Ok(())
             }
             Ok(Err(e)) if notifications::is_transient(&e) => {
@@ -770,4 +807,16 @@ fn read<T>(m: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
 
 fn write<T>(m: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
     m.write().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The millisecond part of the first entry id in an `XRANGE` reply.
+fn oldest_entry_ms(reply: &Value) -> Option<u64> {
+    let Value::Array(entries) = reply else {
+        return None;
+    };
+    let Value::Array(entry) = entries.first()? else {
+        return None;
+    };
+    let id = text(entry.first()?);
+    id.split('-').next()?.parse().ok()
 }

@@ -20,6 +20,7 @@ use crate::body::{BoxError, RequestBody};
 use crate::envelope::{unix_ms, Envelope};
 use crate::heartbeat::{Health, TargetView};
 use crate::layer::DeliveryOrder;
+use crate::metrics::ReplayMetrics;
 
 /// Tells the target this request is a replay from the buffer.
 pub const REPLAY_HEADER: HeaderName = HeaderName::from_static("x-heartbeat-replay");
@@ -41,6 +42,7 @@ pub(crate) struct Worker<S, B> {
     events: broadcast::Sender<ReplayEvent>,
     shutdown: watch::Receiver<bool>,
     stats: Arc<Stats>,
+    metrics: ReplayMetrics,
     pacer: Mutex<Pacer>,
     /// Until when every delivery waits (the target asked for a pause).
     paused_until: Mutex<Option<Instant>>,
@@ -75,6 +77,7 @@ where
         stats: Arc<Stats>,
     ) -> Self {
         let pacer = Pacer::new(config.max_per_second, config.slow_start);
+        let metrics = ReplayMetrics::new(view.target().name());
         Self {
             store,
             view,
@@ -85,6 +88,7 @@ where
             events,
             shutdown,
             stats,
+            metrics,
             pacer: Mutex::new(pacer),
             paused_until: Mutex::new(None),
             leader: AtomicBool::new(false),
@@ -432,6 +436,7 @@ where
                         let verdict = self.policy.judge(Attempt::Answered(&parts));
                         if verdict == Verdict::Acknowledge {
                             self.stats.delivered.fetch_add(1, Ordering::Relaxed);
+                            self.metrics.replayed.increment(1);
                             self.emit(
                                 &entry,
                                 &envelope.id,
@@ -452,6 +457,7 @@ where
                     // A policy may acknowledge a failed call (for instance
                     // a target known to have received it).
                     self.stats.delivered.fetch_add(1, Ordering::Relaxed);
+                    self.metrics.replayed.increment(1);
                     return Some((entry.entry_id.clone(), envelope.id.clone()));
                 }
                 Verdict::DeadLetter { reason } => {
@@ -473,6 +479,7 @@ where
                         *lock(&self.paused_until) = Some(Instant::now() + wait);
                     }
                     self.stats.retried.fetch_add(1, Ordering::Relaxed);
+                    self.metrics.retries.increment(1);
                     debug!(id = %envelope.id, attempt, ?wait, %reason, "delivery failed; retrying");
                     self.emit(
                         &entry,
@@ -495,6 +502,7 @@ where
         match self.store.dead_letter(entry, &reason, unix_ms()).await {
             Ok(()) => {
                 self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                self.metrics.dead_lettered.increment(1);
                 warn!(id = %id, entry = %entry.entry_id, %reason, "dead-lettered");
                 self.emit(entry, id, ReplayEventKind::DeadLettered { reason });
             }
