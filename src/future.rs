@@ -41,6 +41,8 @@ pin_project! {
         #[pin]
         state: State<S, F, B, S::Future, F::Future>,
         ctx: Option<Ctx<F>>,
+        // The call's span (target, method, id), entered at every poll.
+        span: tracing::Span,
     }
 }
 
@@ -104,6 +106,7 @@ where
                 then: Some(then),
             },
             ctx: Some(ctx),
+            span: tracing::Span::none(),
         }
     }
 
@@ -111,6 +114,7 @@ where
         Self {
             state: State::Forwarding { future, held },
             ctx: Some(ctx),
+            span: tracing::Span::none(),
         }
     }
 
@@ -121,6 +125,7 @@ where
                 request: Some(request),
             },
             ctx: None,
+            span: tracing::Span::none(),
         }
     }
 
@@ -128,7 +133,14 @@ where
         Self {
             state: State::Storing { future },
             ctx: None,
+            span: tracing::Span::none(),
         }
+    }
+
+    /// Runs the rest of the call in `span`.
+    pub(crate) fn in_span(mut self, span: tracing::Span) -> Self {
+        self.span = span;
+        self
     }
 
     pub(crate) fn done(answer: Answer) -> Self {
@@ -137,6 +149,7 @@ where
                 answer: Some(answer),
             },
             ctx: None,
+            span: tracing::Span::none(),
         }
     }
 }
@@ -152,6 +165,7 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
+        let _entered = this.span.enter();
         loop {
             let next = match this.state.as_mut().project() {
                 StateProj::Collecting {

@@ -111,12 +111,38 @@ where
     }
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
+        let span = tracing::trace_span!(
+            "heartbeat_buffer",
+            target = %self.shared.view.target(),
+            method = %request.method(),
+            id = tracing::field::Empty,
+        );
+        let future = {
+            let _entered = span.enter();
+            self.decide(request)
+        };
+        future.in_span(span)
+    }
+}
+
+impl<S, F> HeartbeatBuffer<S, F> {
+    /// The per-call decision, from memory only.
+    fn decide<B, RB>(&mut self, request: Request<B>) -> ResponseFuture<S, F, B>
+    where
+        S: Service<Request<RequestBody<B>>, Response = Response<RB>> + Clone,
+        F: Service<Request<RequestBody<B>>, Response = Response<RB>, Error = S::Error> + Clone,
+        B: Body + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
         let shared = Arc::clone(&self.shared);
         let (mut parts, body) = request.into_parts();
         let bufferable = classify(&shared, &mut parts);
         let id = if bufferable {
             match identify(&mut parts) {
-                Some(id) => Some(id),
+                Some(id) => {
+                    tracing::Span::current().record("id", id.as_str());
+                    Some(id)
+                }
                 None => {
                     return refuse(
                         &shared,

@@ -295,7 +295,7 @@ where
             // One at a time, in order.
             let mut out = Vec::with_capacity(todo.len());
             for entry in todo {
-                let result = self.deliver_entry(entry).await;
+                let result = self.deliver_in_span(entry).await;
                 let stop = result.is_none() && (self.stopping() || !self.still_leader());
                 out.push(result);
                 if stop {
@@ -305,7 +305,7 @@ where
             out
         } else {
             stream::iter(todo)
-                .map(|entry| self.deliver_entry(entry))
+                .map(|entry| self.deliver_in_span(entry))
                 .buffer_unordered(in_flight)
                 .collect()
                 .await
@@ -383,6 +383,16 @@ where
             }
             return true;
         }
+    }
+
+    /// [`deliver_entry`](Self::deliver_entry) in a span naming the entry.
+    async fn deliver_in_span(&self, entry: RawEntry) -> Option<(String, String)> {
+        let span = tracing::debug_span!(
+            "replay_entry",
+            id = entry.request_id().unwrap_or(""),
+            entry = %entry.entry_id,
+        );
+        tracing::Instrument::instrument(self.deliver_entry(entry), span).await
     }
 
     /// Delivers one entry until acknowledged, dead-lettered, or stopped.
