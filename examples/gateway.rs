@@ -6,7 +6,13 @@
 //! PUT, PATCH, DELETE) are stored in the target's Redis stream and answered
 //! `202 Accepted`, reads get `503`. Bodies stream, except that a write's body
 //! (up to `--max-body-bytes`) is held so it can still be stored if the call
-//! fails. This gateway only fills the buffer; it does not replay it.
+//! fails.
+//!
+//! It also drains the buffer: a replayer delivers the stored requests
+//! through the same client once the heartbeat is back (oldest first, each
+//! with its `Idempotency-Key`; concurrently with `--relaxed`). Replicas share
+//! the work: in strict order one of them drains at a time. `--no-replay`
+//! leaves the buffer to a separate process (the `drain` example).
 //!
 //! ```text
 //! cargo run --example gateway -- --listen 127.0.0.1:8080 \
@@ -15,14 +21,19 @@
 //! #   --heartbeat-key legacy:orders:alive    # or: any existing key
 //! ```
 //!
-//! `--heartbeat-key` names the buffer after the key ([`target_name_for_key`]),
+//! `--heartbeat-key` names the buffer after the key
+//! ([`common::target_name_for_key`]),
 //! so replicas started with the same flags share one buffer.
 //! `--redis` defaults to `$REDIS_URL`; logs follow `$RUST_LOG` (default
 //! `info`) on stderr. Stdout gets two lines, `buffer target: <name> ...` and
-//! `gateway listening on <addr>`. SIGINT or SIGTERM stop it gracefully.
+//! `gateway listening on <addr>`. SIGINT or SIGTERM stop it gracefully: it
+//! stops accepting, lets in-flight calls and replays finish (the replayer
+//! acknowledges what it delivered and gives up its lease), and exits 0.
+
+#[path = "common/mod.rs"]
+mod common;
 
 use std::error::Error;
-use std::io::IsTerminal;
 use std::net::SocketAddr;
 
 use axum::body::Body;
@@ -36,14 +47,14 @@ use http::{StatusCode, Uri};
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
 use tower::ServiceExt;
+use tower_heartbeat_buffer::replay::ReplayConfig;
 use tower_heartbeat_buffer::{
-    DeliveryOrder, Health, HeartbeatBuffer, HeartbeatBufferLayer, RequestBody, Target, Watcher,
+    DeliveryOrder, Health, HeartbeatBuffer, HeartbeatBufferLayer, RequestBody, Watcher,
     DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_QUEUE_LEN, DEFAULT_NAMESPACE,
 };
 use tower_http::trace::TraceLayer;
 use tower_layer::Layer;
 use tracing::{info, warn};
-use tracing_subscriber::EnvFilter;
 
 /// Reverse proxy that buffers writes in Redis while the target's heartbeat is gone.
 #[derive(Parser, Debug)]
@@ -73,9 +84,12 @@ struct Args {
     /// Most requests the buffer may hold; beyond it, writes get 503.
     #[arg(long, default_value_t = DEFAULT_MAX_QUEUE_LEN)]
     max_queue_len: u64,
-    /// Let new writes reach a live target while older ones still wait in the buffer.
+    /// Let new writes reach a live target while older ones still wait in the buffer (and replay concurrently).
     #[arg(long)]
     relaxed: bool,
+    /// Only fill the buffer; leave replaying it to another process (e.g. the `drain` example).
+    #[arg(long)]
+    no_replay: bool,
 }
 
 fn parse_target(value: &str) -> Result<Uri, String> {
@@ -89,36 +103,6 @@ fn parse_target(value: &str) -> Result<Uri, String> {
     Ok(uri)
 }
 
-/// The buffer's target name for an explicit heartbeat key, the same in every
-/// replica started with the same key, so that they all share one buffer.
-///
-/// Rule: a key that is already a valid target name (at most 200 bytes, none
-/// of `* ? [ ] \ { }`, no whitespace or control character) is the name as
-/// is. Otherwise each invalid character becomes `_`, the result is cut to
-/// 183 bytes, and `-` plus the 16 hex digits of the FNV-1a 64 hash of the
-/// key's bytes is appended (so distinct keys keep distinct names).
-fn target_name_for_key(key: &str) -> String {
-    let invalid = |c: char| "*?[]\\{}".contains(c) || c.is_whitespace() || c.is_control();
-    if key.len() <= 200 && !key.chars().any(invalid) {
-        return key.to_owned();
-    }
-    let mut name = String::new();
-    for c in key.chars().map(|c| if invalid(c) { '_' } else { c }) {
-        if name.len() + c.len_utf8() > 183 {
-            break;
-        }
-        name.push(c);
-    }
-    format!("{name}-{:016x}", fnv1a64(key.as_bytes()))
-}
-
-/// FNV-1a, 64 bits: stable across Rust versions and platforms, unlike std's hasher.
-fn fnv1a64(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, &b| {
-        (hash ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
-    })
-}
-
 type Upstream = HeartbeatBuffer<Client<HttpConnector, RequestBody<Body>>>;
 
 #[derive(Clone)]
@@ -130,19 +114,14 @@ struct Proxy {
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn Error>> {
-    tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    common::init_tracing();
     let args = Args::parse();
 
-    let target = match (&args.heartbeat_key, &args.service) {
-        (Some(key), _) => Target::with_namespace(&args.namespace, &target_name_for_key(key))?
-            .with_heartbeat_key(key)?,
-        (None, Some(name)) => Target::with_namespace(&args.namespace, name)?,
-        (None, None) => unreachable!("clap requires one of --heartbeat-key, --service"),
-    };
+    let target = common::target_from_flags(
+        &args.namespace,
+        args.heartbeat_key.as_deref(),
+        args.service.as_deref(),
+    )?;
     println!(
         "buffer target: {} (heartbeat key {}, buffer {})",
         target.name(),
@@ -170,6 +149,13 @@ async fn main() -> Result<(), Box<dyn Error>> {
     }
 
     let client = Client::builder(TokioExecutor::new()).build_http();
+    // Replays go through the same client; stored requests carry the
+    // target's absolute URI (see `forward`), so they need no rewriting.
+    let replayer = (!args.no_replay).then(|| {
+        let mut config = ReplayConfig::default();
+        config.order = order;
+        layer.replayer().config(config).spawn(client.clone())
+    });
     let parts = args.target.into_parts();
     let proxy = Proxy {
         upstream: layer.layer(client),
@@ -181,12 +167,20 @@ async fn main() -> Result<(), Box<dyn Error>> {
         .with_state(proxy)
         .layer(TraceLayer::new_for_http());
 
-    let shutdown = shutdown_signal()?; // installed before anyone can see us ready
+    let shutdown = common::shutdown_signal()?; // installed before anyone can see us ready
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
     println!("gateway listening on {}", listener.local_addr()?);
-    axum::serve(listener, app)
+    let served = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
-        .await?;
+        .await;
+    // Calls are over (or serving failed): stop replaying too. In-flight
+    // replays finish within the replayer's grace period and are
+    // acknowledged; the rest stays in the buffer for the next replayer.
+    if let Some(replayer) = replayer {
+        replayer.shutdown().await;
+        info!("replayer stopped");
+    }
+    served?;
     info!("stopped");
     Ok(())
 }
@@ -252,27 +246,4 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     for name in named.iter().chain(&HOP_BY_HOP) {
         headers.remove(name);
     }
-}
-
-/// Resolves on the first SIGINT or SIGTERM. The handlers are installed now,
-/// not when the future is first polled.
-fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut interrupt = signal(SignalKind::interrupt())?;
-        let mut terminate = signal(SignalKind::terminate())?;
-        Ok(async move {
-            let name = tokio::select! {
-                _ = interrupt.recv() => "SIGINT",
-                _ = terminate.recv() => "SIGTERM",
-            };
-            info!("{name}: shutting down");
-        })
-    }
-    #[cfg(not(unix))]
-    Ok(async {
-        let _ = tokio::signal::ctrl_c().await;
-        info!("Ctrl-C: shutting down");
-    })
 }

@@ -11,7 +11,9 @@
 //!   calls failing at the transport level): a request that may be replayed
 //!   later is stored in a durable Redis stream and the caller gets
 //!   `202 Accepted` at once, with the request's `Idempotency-Key`
-//!   ([`Buffered`]); anything else gets `503` ([`Unavailable`]).
+//!   ([`Buffered`]); anything else gets `503` ([`Unavailable`]);
+//! - **heartbeat back:** a background [replayer](replay) delivers what was
+//!   stored — paced, in order, at least once, with the same key.
 //!
 //! # Example
 //!
@@ -38,7 +40,12 @@
 //! // bytes held in memory in case the call must be stored.
 //! let client: Client<HttpConnector, RequestBody<Full<Bytes>>> =
 //!     Client::builder(TokioExecutor::new()).build_http();
-//! let mut orders_client = ServiceBuilder::new().layer(layer).service(client);
+//! let mut orders_client = ServiceBuilder::new()
+//!     .layer(layer.clone())
+//!     .service(client.clone());
+//!
+//! // Delivers what gets buffered once orders is back, through the same client.
+//! let replayer = layer.replayer().spawn(client);
 //!
 //! let request = http::Request::post("http://orders.internal/orders")
 //!     .body(Full::new(Bytes::from_static(b"{\"sku\":42}")))?;
@@ -46,6 +53,7 @@
 //! if let Some(buffered) = response.extensions().get::<Buffered>() {
 //!     println!("orders is down; stored as {}", buffered.id());
 //! }
+//! replayer.shutdown().await;
 //! # Ok(()) }
 //! ```
 //!

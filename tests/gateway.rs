@@ -255,13 +255,15 @@ async fn send(
     method: Method,
     url: String,
     headers: &[(&str, &str)],
-    body: &'static [u8],
+    body: &[u8],
 ) -> Answer {
     let mut request = Request::builder().method(method).uri(url);
     for (name, value) in headers {
         request = request.header(*name, *value);
     }
-    let request = request.body(Full::new(Bytes::from_static(body))).unwrap();
+    let request = request
+        .body(Full::new(Bytes::copy_from_slice(body)))
+        .unwrap();
     let response = tokio::time::timeout(Duration::from_secs(10), client.request(request))
         .await
         .expect("no answer from the gateway within 10 s")
@@ -488,7 +490,13 @@ async fn a_hash_heartbeat_saying_draining_counts_as_down() {
     let http = HttpTarget::start().await;
     redis(&redis_server, &["HSET", KEY, "status", "up"]);
     redis(&redis_server, &["PEXPIRE", KEY, "60000"]);
-    let gateway = Gateway::start(&redis_server, &http, &["--heartbeat-key", KEY]);
+    // What stays in the buffer once the target is back is the point here:
+    // nothing replays it.
+    let gateway = Gateway::start(
+        &redis_server,
+        &http,
+        &["--heartbeat-key", KEY, "--no-replay"],
+    );
     let client = hyper_client();
     let answer = send(&client, Method::POST, gateway.url("/a"), &[], b"1").await;
     assert!(answer.by_target(), "hash with status up: {answer:?}");
@@ -505,7 +513,11 @@ async fn a_hash_heartbeat_saying_draining_counts_as_down() {
     let answer = send(&client, Method::POST, gateway.url("/c"), &[], b"3").await;
     assert_eq!(answer.status, StatusCode::ACCEPTED, "{answer:?}");
     // --relaxed: it does.
-    let relaxed = Gateway::start(&redis_server, &http, &["--heartbeat-key", KEY, "--relaxed"]);
+    let relaxed = Gateway::start(
+        &redis_server,
+        &http,
+        &["--heartbeat-key", KEY, "--relaxed", "--no-replay"],
+    );
     let answer = send(&client, Method::POST, relaxed.url("/d"), &[], b"4").await;
     assert!(answer.by_target(), "{answer:?}");
 
@@ -516,6 +528,102 @@ async fn a_hash_heartbeat_saying_draining_counts_as_down() {
         .map(|e| e["body"].clone())
         .collect();
     assert_eq!(stored, ["2", "3"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_buffered_while_the_key_is_gone_reach_the_target_in_order_when_it_returns() {
+    let redis_server = RedisServer::start();
+    let http = HttpTarget::start().await;
+    // No key yet: the target is down from the start.
+    let mut gateway = Gateway::start(&redis_server, &http, &["--heartbeat-key", KEY]);
+    let client = hyper_client();
+
+    let mut keys = Vec::new();
+    let mut sent = Vec::new();
+    for i in 0..20 {
+        let key = format!("order-{i:02}");
+        let (method, path) = match i % 4 {
+            0 => (Method::PUT, format!("/orders/{i}")),
+            1 => (Method::PATCH, format!("/orders/{i}?v=2")),
+            _ => (Method::POST, format!("/orders?n={i}")),
+        };
+        let answer = send(
+            &client,
+            method.clone(),
+            gateway.url(&path),
+            &[("idempotency-key", &key), ("content-type", "text/plain")],
+            key.as_bytes(),
+        )
+        .await;
+        assert_eq!(answer.status, StatusCode::ACCEPTED, "{answer:?}");
+        assert_eq!(answer.headers["idempotency-key"], key.as_str());
+        keys.push(key);
+        sent.push((method, path));
+    }
+    // A write without a key gets one from the gateway, and keeps it.
+    let answer = send(&client, Method::DELETE, gateway.url("/orders/1"), &[], b"").await;
+    assert_eq!(answer.status, StatusCode::ACCEPTED, "{answer:?}");
+    keys.push(
+        answer.headers["idempotency-key"]
+            .to_str()
+            .unwrap()
+            .to_owned(),
+    );
+    sent.push((Method::DELETE, "/orders/1".to_owned()));
+    assert_eq!(stream(&redis_server, QUEUE).len(), keys.len());
+    assert!(
+        received(&http).is_empty(),
+        "nothing reaches a target that is down"
+    );
+
+    let back = Instant::now();
+    redis(&redis_server, &["SET", KEY, "1"]);
+    let drained = support::wait_until(Duration::from_secs(30), || {
+        received(&http).len() >= keys.len()
+    })
+    .await;
+    assert!(
+        drained,
+        "replayed {} of {}",
+        received(&http).len(),
+        keys.len()
+    );
+    eprintln!(
+        "{} replayed {:?} after the key came back",
+        keys.len(),
+        back.elapsed()
+    );
+
+    let seen = received(&http);
+    assert_eq!(seen.len(), keys.len(), "each once: {seen:?}");
+    for (i, ((method, path), r)) in sent.iter().zip(&seen).enumerate() {
+        assert_eq!(r.headers["idempotency-key"], keys[i].as_str(), "in order");
+        assert_eq!((&r.method, r.uri.to_string()), (method, path.clone()));
+        assert_eq!(r.headers["x-heartbeat-replay"], "1");
+        assert_eq!(r.headers["host"], http.addr().to_string());
+        if *method != Method::DELETE {
+            assert_eq!(r.body, keys[i].as_bytes());
+            assert_eq!(r.headers["content-type"], "text/plain");
+        }
+    }
+    // Delivered entries leave the buffer.
+    assert!(
+        support::wait_until(CHANGE_TIMEOUT, || stream(&redis_server, QUEUE).is_empty()).await,
+        "{:?}",
+        stream(&redis_server, QUEUE)
+    );
+    assert_eq!(received(&http).len(), keys.len(), "nothing twice");
+
+    // It stops cleanly with its replayer.
+    gateway.signal("TERM");
+    let status = gateway.wait_exit(Duration::from_secs(10));
+    let status = status.expect("still running 10 s after SIGTERM");
+    assert!(status.success(), "{status}\n{}", gateway.log());
+    assert!(
+        gateway.log().contains("replayer stopped"),
+        "{}",
+        gateway.log()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -650,6 +758,7 @@ fn help_documents_every_flag_and_one_heartbeat_source_is_required() {
         "--max-body-bytes",
         "--max-queue-len",
         "--relaxed",
+        "--no-replay",
     ] {
         assert!(text.contains(flag), "{flag} missing from:\n{text}");
     }
