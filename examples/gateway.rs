@@ -46,6 +46,7 @@ use http::uri::{Authority, Scheme};
 use http::{StatusCode, Uri};
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
+use tower::timeout::Timeout;
 use tower::ServiceExt;
 use tower_heartbeat_buffer::replay::ReplayConfig;
 use tower_heartbeat_buffer::{
@@ -151,10 +152,17 @@ async fn main() -> Result<(), Box<dyn Error>> {
     let client = Client::builder(TokioExecutor::new()).build_http();
     // Replays go through the same client; stored requests carry the
     // target's absolute URI (see `forward`), so they need no rewriting.
+    // Each replay gets half the drain lease (strict) or of the visibility
+    // timeout (relaxed): a hung target must not keep an entry past its claim.
     let replayer = (!args.no_replay).then(|| {
         let mut config = ReplayConfig::default();
         config.order = order;
-        layer.replayer().config(config).spawn(client.clone())
+        let timeout = match order {
+            DeliveryOrder::Relaxed => config.visibility_timeout / 2,
+            _ => config.lease_ttl / 2,
+        };
+        let replays = Timeout::new(client.clone(), timeout);
+        layer.replayer().config(config).spawn(replays)
     });
     let parts = args.target.into_parts();
     let proxy = Proxy {
