@@ -202,9 +202,19 @@ async fn retry_after_is_honoured_and_a_400_is_dead_lettered_while_the_drain_goes
     assert_eq!(&dead[0].request.as_ref().unwrap().body[..], b"x-00000");
     let bodies = received_bodies(&rig);
     assert_eq!(&bodies[2..], ["x-00001", "x-00002"]);
-    // Events told the story.
+    // Events told the story. (Delivered is told once acknowledged, which
+    // may follow the delivery by a moment.)
     let mut kinds = Vec::new();
-    while let Ok(event) = events.try_recv() {
+    let delivered_last = |kinds: &Vec<(String, ReplayEventKind)>| {
+        kinds
+            .iter()
+            .any(|(id, k)| id == "x-00002" && matches!(k, ReplayEventKind::Delivered { .. }))
+    };
+    while !delivered_last(&kinds) {
+        let event = tokio::time::timeout(EVENTUALLY, events.recv())
+            .await
+            .expect("events")
+            .unwrap();
         kinds.push((event.id, event.kind));
     }
     assert!(kinds
@@ -458,5 +468,35 @@ async fn shutdown_waits_for_the_grace_period_then_leaves_the_entry_pending() {
         ["g-00000", "g-00000"],
         "redelivered with the same key"
     );
+    let attempts: Vec<String> = rig
+        .http
+        .received()
+        .iter()
+        .map(|r| {
+            r.headers["x-heartbeat-attempt"]
+                .to_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(
+        attempts,
+        ["1", "2"],
+        "the attempt count survives the takeover"
+    );
     again.shutdown().await;
+    // The second replayer left the consumer group on its clean shutdown,
+    // holding nothing; the first (stopped mid-delivery) had its entry taken
+    // over and holds nothing either, and is removed once quiet long enough.
+    let consumers: Vec<redis::Value> = redis::cmd("XINFO")
+        .arg("CONSUMERS")
+        .arg(rig.target.queue_key())
+        .arg("thb")
+        .query(&mut rig.redis.conn())
+        .unwrap();
+    assert_eq!(
+        consumers.len(),
+        1,
+        "only the aborted replayer's name is left"
+    );
 }

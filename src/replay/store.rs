@@ -189,6 +189,12 @@ impl Store {
 
     /// Claims pending entries idle for at least `min_idle` from any consumer
     /// (all of them with zero). Returns how many were claimed.
+    ///
+    /// With `JUSTID`: the claim itself does not count as a delivery; the
+    /// read of the pending entry that follows does (Redis counts every
+    /// `XREADGROUP` of a pending entry), so an entry handed over after a
+    /// crash remembers it was tried, and one that keeps crashing its
+    /// replayers reaches `max_attempts`.
     pub(crate) async fn claim(
         &self,
         consumer: &str,
@@ -221,6 +227,115 @@ impl Store {
             cursor = next;
         }
         Ok(claimed)
+    }
+
+    /// How many times each of this consumer's pending entries between
+    /// `first` and `last` was handed to a consumer.
+    pub(crate) async fn delivery_counts(
+        &self,
+        consumer: &str,
+        first: &str,
+        last: &str,
+        count: usize,
+    ) -> Result<std::collections::HashMap<String, u64>, RedisError> {
+        let mut cmd = redis::cmd("XPENDING");
+        cmd.arg(&self.queue)
+            .arg(GROUP)
+            .arg(first)
+            .arg(last)
+            .arg(count)
+            .arg(consumer);
+        let reply: Value = self.run("pending read", &cmd).await?;
+        let mut counts = std::collections::HashMap::new();
+        if let Value::Array(entries) = reply {
+            for entry in entries {
+                if let Value::Array(parts) = entry {
+                    if let (Some(id), Some(Value::Int(n))) =
+                        (parts.first().and_then(as_text), parts.get(3))
+                    {
+                        counts.insert(id, u64::try_from(*n).unwrap_or(1));
+                    }
+                }
+            }
+        }
+        Ok(counts)
+    }
+
+    /// Removes `consumer` from the group if it holds nothing.
+    pub(crate) async fn forget_if_idle(&self, consumer: &str) -> Result<bool, RedisError> {
+        let mut pending = redis::cmd("XPENDING");
+        pending
+            .arg(&self.queue)
+            .arg(GROUP)
+            .arg("-")
+            .arg("+")
+            .arg(1)
+            .arg(consumer);
+        let reply: Value = self.run("pending read", &pending).await?;
+        if matches!(&reply, Value::Array(a) if !a.is_empty()) {
+            return Ok(false);
+        }
+        let mut del = redis::cmd("XGROUP");
+        del.arg("DELCONSUMER")
+            .arg(&self.queue)
+            .arg(GROUP)
+            .arg(consumer);
+        self.run::<Value>("consumer removal", &del).await?;
+        Ok(true)
+    }
+
+    /// Removes other consumers that hold nothing and have not read for
+    /// `older_than`: every replayer start adds one, and a group must not
+    /// grow with every deploy. Returns how many were removed.
+    pub(crate) async fn forget_idle_consumers(
+        &self,
+        me: &str,
+        older_than: Duration,
+    ) -> Result<usize, RedisError> {
+        let mut info = redis::cmd("XINFO");
+        info.arg("CONSUMERS").arg(&self.queue).arg(GROUP);
+        let reply: Value = self.run("consumer list", &info).await?;
+        let Value::Array(consumers) = reply else {
+            return Ok(0);
+        };
+        let limit = i64::try_from(older_than.as_millis()).unwrap_or(i64::MAX);
+        let mut removed = 0;
+        for consumer in consumers {
+            let fields: Vec<(String, &Value)> = match &consumer {
+                Value::Array(flat) => flat
+                    .chunks(2)
+                    .filter_map(|kv| Some((as_text(&kv[0])?, kv.get(1)?)))
+                    .collect(),
+                Value::Map(pairs) => pairs
+                    .iter()
+                    .filter_map(|(k, v)| Some((as_text(k)?, v)))
+                    .collect(),
+                _ => continue,
+            };
+            let get = |name: &str| fields.iter().find(|(k, _)| k == name).map(|(_, v)| *v);
+            let (Some(name), Some(Value::Int(pending)), Some(Value::Int(idle))) =
+                (get("name").and_then(as_text), get("pending"), get("idle"))
+            else {
+                continue;
+            };
+            if name != me && *pending == 0 && *idle > limit && self.forget_if_idle(&name).await? {
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Resets the idle time of an entry this consumer holds, so that other
+    /// replicas do not take it for abandoned while it is being retried.
+    pub(crate) async fn touch(&self, consumer: &str, entry_id: &str) -> Result<(), RedisError> {
+        let mut cmd = redis::cmd("XCLAIM");
+        cmd.arg(&self.queue)
+            .arg(GROUP)
+            .arg(consumer)
+            .arg(0)
+            .arg(entry_id)
+            .arg("JUSTID");
+        self.run::<Value>("claim refresh", &cmd).await.map(drop)
     }
 
     /// Which of these request ids already carry a processed-marker.

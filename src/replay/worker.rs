@@ -163,14 +163,15 @@ where
                                 ),
                                 Ok(_) => debug!("drain lease taken"),
                                 Err(e) => {
-                                    warn!(error = %e, "cannot claim pending entries");
                                     self.leader.store(false, Ordering::Release);
+                                    warn!(error = %e, "cannot claim pending entries");
                                     if !self.nap(retry.next()).await {
                                         break;
                                     }
                                     continue;
                                 }
                             }
+                            self.forget_stale_consumers().await;
                         }
                     }
                     Ok(false) => {
@@ -207,6 +208,7 @@ where
                     Ok(_) => {}
                     Err(e) => debug!(error = %e, "reclaim failed"),
                 }
+                self.forget_stale_consumers().await;
             }
 
             let batch = match self.next_batch().await {
@@ -230,22 +232,49 @@ where
         if self.strict() && self.leader.load(Ordering::Acquire) {
             let _ = self.store.release(&self.consumer).await;
         }
+        // Leave the group if nothing stays claimed in our name; otherwise the
+        // next replayer takes those entries over first.
+        match self.store.forget_if_idle(&self.consumer).await {
+            Ok(true) => debug!("left the consumer group"),
+            Ok(false) => debug!("entries stay claimed for the next replayer"),
+            Err(e) => debug!(error = %e, "could not leave the consumer group"),
+        }
         debug!("replayer stopped");
     }
 
     /// This consumer's pending entries first (claimed earlier, or taken
-    /// over), then new ones.
-    async fn next_batch(&self) -> Result<Vec<RawEntry>, crate::RedisError> {
+    /// over), then new ones. Each comes with how many times it was handed
+    /// to a consumer before (crashes, takeovers), so attempts count across
+    /// processes.
+    async fn next_batch(&self) -> Result<Vec<(RawEntry, u32)>, crate::RedisError> {
         let pending = self
             .store
             .read(&self.consumer, self.config.batch, false)
             .await?;
-        if !pending.is_empty() {
-            return Ok(pending);
+        if let (Some(first), Some(last)) = (pending.first(), pending.last()) {
+            let counts = self
+                .store
+                .delivery_counts(
+                    &self.consumer,
+                    &first.entry_id,
+                    &last.entry_id,
+                    pending.len(),
+                )
+                .await?;
+            return Ok(pending
+                .into_iter()
+                .map(|e| {
+                    let handed = counts.get(&e.entry_id).copied().unwrap_or(1);
+                    let prior = u32::try_from(handed.saturating_sub(1)).unwrap_or(u32::MAX);
+                    (e, prior)
+                })
+                .collect());
         }
-        self.store
+        let new = self
+            .store
             .read(&self.consumer, self.config.batch, true)
-            .await
+            .await?;
+        Ok(new.into_iter().map(|e| (e, 0)).collect())
     }
 
     /// Nothing to do: wait for the buffer to grow, the heartbeat to change,
@@ -261,9 +290,12 @@ where
         }
     }
 
-    async fn drain_batch(&self, batch: Vec<RawEntry>) {
+    async fn drain_batch(&self, batch: Vec<(RawEntry, u32)>) {
         // Entries delivered before (marker set) but not removed: skip them.
-        let ids: Vec<&str> = batch.iter().map(|e| e.request_id().unwrap_or("")).collect();
+        let ids: Vec<&str> = batch
+            .iter()
+            .map(|(e, _)| e.request_id().unwrap_or(""))
+            .collect();
         let done = match self.store.done(&ids).await {
             Ok(done) => done,
             Err(e) => {
@@ -271,50 +303,105 @@ where
                 return;
             }
         };
-        let mut acks = Vec::new();
+        let mut skipped = Vec::new();
         let mut todo = Vec::new();
-        for (entry, done) in batch.into_iter().zip(done) {
+        for ((entry, prior), done) in batch.into_iter().zip(done) {
             if done {
-                self.stats.skipped.fetch_add(1, Ordering::Relaxed);
-                self.emit(
-                    &entry,
-                    entry.request_id().unwrap_or(""),
-                    ReplayEventKind::Skipped,
-                );
-                acks.push((entry.entry_id.clone(), String::new()));
+                skipped.push(Settled {
+                    request_id: entry.request_id().unwrap_or("").to_owned(),
+                    entry_id: entry.entry_id,
+                    delivered: None,
+                    skipped: true,
+                });
             } else {
-                todo.push(entry);
+                todo.push((entry, prior));
             }
         }
-        let in_flight = if self.strict() {
-            1
-        } else {
-            self.config.max_in_flight.max(1)
-        };
-        let delivered: Vec<Option<(String, String)>> = if in_flight == 1 {
-            // One at a time, in order.
-            let mut out = Vec::with_capacity(todo.len());
-            for entry in todo {
-                let result = self.deliver_in_span(entry).await;
+        self.settle(skipped).await;
+
+        if self.strict() {
+            // One at a time, in order; acknowledged together at the end of
+            // the batch (a crash redelivers at most this batch).
+            let mut settled = Vec::with_capacity(todo.len());
+            for (entry, prior) in todo {
+                let result = self.deliver_in_span(entry, prior).await;
                 let stop = result.is_none() && (self.stopping() || !self.still_leader());
-                out.push(result);
+                settled.extend(result);
                 if stop {
                     break;
                 }
             }
-            out
+            self.settle(settled).await;
         } else {
+            // Concurrent, each acknowledged as soon as it is answered: a slow
+            // neighbour must not keep answered entries pending until another
+            // replica takes them for abandoned.
+            let limit = self.config.max_in_flight.max(1);
             stream::iter(todo)
-                .map(|entry| self.deliver_in_span(entry))
-                .buffer_unordered(in_flight)
-                .collect()
-                .await
-        };
-        acks.extend(delivered.into_iter().flatten());
+                .for_each_concurrent(limit, |(entry, prior)| async move {
+                    let settled = self.deliver_in_span(entry, prior).await;
+                    self.settle(settled.into_iter().collect()).await;
+                })
+                .await;
+        }
+    }
+
+    /// Acknowledges entries (setting the markers of delivered ones), then
+    /// tells what happened: an entry counts as delivered once acknowledged.
+    async fn settle(&self, settled: Vec<Settled>) {
+        if settled.is_empty() {
+            return;
+        }
+        let acks: Vec<(String, String)> = settled
+            .iter()
+            .map(|s| {
+                let marker = match s.delivered {
+                    Some(_) => s.request_id.clone(),
+                    None => String::new(),
+                };
+                (s.entry_id.clone(), marker)
+            })
+            .collect();
         if let Err(e) = self.store.ack(&acks, self.config.marker_ttl).await {
             // They stay pending and are delivered again (same key): at least
             // once.
             warn!(error = %e, entries = acks.len(), "cannot acknowledge delivered entries; they will be delivered again");
+            return;
+        }
+        for s in settled {
+            let kind = match s.delivered {
+                Some((status, attempt)) => {
+                    self.stats.delivered.fetch_add(1, Ordering::Relaxed);
+                    self.metrics.replayed.increment(1);
+                    ReplayEventKind::Delivered { status, attempt }
+                }
+                None if s.skipped => {
+                    self.stats.skipped.fetch_add(1, Ordering::Relaxed);
+                    ReplayEventKind::Skipped
+                }
+                None => continue,
+            };
+            let _ = self.events.send(ReplayEvent {
+                id: s.request_id,
+                entry_id: s.entry_id,
+                kind,
+            });
+        }
+    }
+
+    /// Removes consumers of dead or stopped replayers that hold nothing
+    /// (each replayer start adds one), once they have been quiet for ten
+    /// lease or visibility periods.
+    async fn forget_stale_consumers(&self) {
+        let quiet = self.config.lease_ttl.max(self.config.visibility_timeout) * 10;
+        match self
+            .store
+            .forget_idle_consumers(&self.consumer, quiet)
+            .await
+        {
+            Ok(0) => {}
+            Ok(n) => debug!(removed = n, "removed idle consumers from the group"),
+            Err(e) => debug!(error = %e, "could not list consumers"),
         }
     }
 
@@ -386,21 +473,27 @@ where
     }
 
     /// [`deliver_entry`](Self::deliver_entry) in a span naming the entry.
-    async fn deliver_in_span(&self, entry: RawEntry) -> Option<(String, String)> {
+    async fn deliver_in_span(&self, entry: RawEntry, prior: u32) -> Option<Settled> {
         let span = tracing::debug_span!(
             "replay_entry",
             id = entry.request_id().unwrap_or(""),
             entry = %entry.entry_id,
         );
-        tracing::Instrument::instrument(self.deliver_entry(entry), span).await
+        tracing::Instrument::instrument(self.deliver_entry(entry, prior), span).await
     }
 
-    /// Delivers one entry until acknowledged, dead-lettered, or stopped.
-    /// Returns `(entry id, request id)` to acknowledge.
-    async fn deliver_entry(&self, entry: RawEntry) -> Option<(String, String)> {
+    /// Delivers one entry until answered, dead-lettered, or stopped, and
+    /// returns what to acknowledge. `prior` counts the times the entry was
+    /// handed to a replayer before this one (attempts survive crashes).
+    async fn deliver_entry(&self, entry: RawEntry, prior: u32) -> Option<Settled> {
         let Some(fields) = &entry.fields else {
             // Deleted while pending (by hand, or a purge): only clear it.
-            return Some((entry.entry_id, String::new()));
+            return Some(Settled {
+                entry_id: entry.entry_id,
+                request_id: String::new(),
+                delivered: None,
+                skipped: false,
+            });
         };
         let envelope =
             match Envelope::from_fields(fields.iter().map(|(k, v)| (k.as_slice(), v.as_slice()))) {
@@ -424,9 +517,18 @@ where
         }
 
         let mut delay = RetryDelay::new(self.config.backoff_base, self.config.backoff_max);
-        let mut attempt: u32 = 0;
+        let mut attempt: u32 = prior;
+        let mut held_since = Instant::now();
         loop {
             self.renew_if_due().await;
+            if !self.strict() && held_since.elapsed() >= self.config.visibility_timeout / 3 {
+                // Still ours: a long series of retries must not look
+                // abandoned to the other replicas.
+                if let Err(e) = self.store.touch(&self.consumer, &entry.entry_id).await {
+                    debug!(error = %e, "could not refresh the claim");
+                }
+                held_since = Instant::now();
+            }
             if !self.wait_turn().await {
                 return None;
             }
@@ -445,17 +547,12 @@ where
                         drain(body).await;
                         let verdict = self.policy.judge(Attempt::Answered(&parts));
                         if verdict == Verdict::Acknowledge {
-                            self.stats.delivered.fetch_add(1, Ordering::Relaxed);
-                            self.metrics.replayed.increment(1);
-                            self.emit(
-                                &entry,
-                                &envelope.id,
-                                ReplayEventKind::Delivered {
-                                    status: parts.status,
-                                    attempt,
-                                },
-                            );
-                            return Some((entry.entry_id.clone(), envelope.id.clone()));
+                            return Some(Settled {
+                                entry_id: entry.entry_id.clone(),
+                                request_id: envelope.id.clone(),
+                                delivered: Some((parts.status, attempt)),
+                                skipped: false,
+                            });
                         }
                         verdict
                     }
@@ -466,9 +563,12 @@ where
                 Verdict::Acknowledge => {
                     // A policy may acknowledge a failed call (for instance
                     // a target known to have received it).
-                    self.stats.delivered.fetch_add(1, Ordering::Relaxed);
-                    self.metrics.replayed.increment(1);
-                    return Some((entry.entry_id.clone(), envelope.id.clone()));
+                    return Some(Settled {
+                        entry_id: entry.entry_id.clone(),
+                        request_id: envelope.id.clone(),
+                        delivered: Some((http::StatusCode::OK, attempt)),
+                        skipped: false,
+                    });
                 }
                 Verdict::DeadLetter { reason } => {
                     self.dead_letter(&entry, &envelope.id, reason).await;
@@ -528,6 +628,17 @@ where
             kind,
         });
     }
+}
+
+/// An entry done with, to acknowledge.
+struct Settled {
+    entry_id: String,
+    request_id: String,
+    /// Delivered: the target's status and the attempt. `None`: removed
+    /// without a delivery (already processed, or deleted while pending).
+    delivered: Option<(http::StatusCode, u32)>,
+    /// Removed because its processed-marker was already set.
+    skipped: bool,
 }
 
 /// The stored request, as sent again.
