@@ -500,3 +500,105 @@ async fn shutdown_waits_for_the_grace_period_then_leaves_the_entry_pending() {
         "only the aborted replayer's name is left"
     );
 }
+
+/// Relaxed order: a request the target keeps refusing for a while is
+/// retried by its replica without its neighbours, already answered, being
+/// taken for abandoned and sent again by the other replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relaxed_replicas_do_not_resend_answered_entries_while_one_is_retried() {
+    use std::sync::{Arc, Mutex};
+    let rig = Rig::start().await;
+    rig.down().await;
+    let mut service = rig.service(|b| b).await;
+    // A target that refuses /o/0 with 503 for its first 1.5 s, answers the
+    // rest at once, and records every key it answers 200 to.
+    let answered: Arc<Mutex<Vec<String>>> = Arc::default();
+    let started = Instant::now();
+    let app = {
+        let answered = Arc::clone(&answered);
+        axum::Router::new().fallback(move |request: axum::extract::Request| {
+            let answered = Arc::clone(&answered);
+            async move {
+                let key = request.headers()["idempotency-key"]
+                    .to_str()
+                    .unwrap()
+                    .to_owned();
+                if request.uri().path() == "/o/0" && started.elapsed() < Duration::from_millis(1500)
+                {
+                    return StatusCode::SERVICE_UNAVAILABLE;
+                }
+                answered.lock().unwrap().push(key);
+                StatusCode::OK
+            }
+        })
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    for i in 0..16 {
+        let request = Request::post(format!("{url}/o/{i}"))
+            .header("idempotency-key", format!("k-{i:02}"))
+            .body(Full::new(Bytes::from_static(b"x")))
+            .unwrap();
+        assert_eq!(
+            call(&mut service, request).await.unwrap().status,
+            StatusCode::ACCEPTED
+        );
+    }
+    let mut config = fast();
+    config.order = DeliveryOrder::Relaxed;
+    config.visibility_timeout = Duration::from_millis(600);
+    config.max_per_second = None;
+    config.backoff_max = Duration::from_millis(100);
+    config.max_attempts = 1000;
+    // 503 pauses the whole drain: keep those pauses short.
+    let policy = |attempt: tower_heartbeat_buffer::replay::Attempt<'_>| {
+        match tower_heartbeat_buffer::replay::ReplayPolicy::judge(
+            &tower_heartbeat_buffer::replay::DefaultReplayPolicy,
+            attempt,
+        ) {
+            tower_heartbeat_buffer::replay::Verdict::Retry { after, reason, .. } => {
+                tower_heartbeat_buffer::replay::Verdict::Retry {
+                    after,
+                    pause: false,
+                    reason,
+                }
+            }
+            other => other,
+        }
+    };
+    let watcher_b = Watcher::connect(rig.redis.client()).await.unwrap();
+    let layer_a = HeartbeatBufferLayer::builder(rig.target.clone())
+        .build(&rig.watcher)
+        .await
+        .unwrap();
+    let layer_b = HeartbeatBufferLayer::builder(rig.target.clone())
+        .build(&watcher_b)
+        .await
+        .unwrap();
+    let client = hyper_client::<tower_heartbeat_buffer::RequestBody<Full<Bytes>>>;
+    let a = layer_a
+        .replayer()
+        .config(config.clone())
+        .policy(policy)
+        .spawn(client());
+    let b = layer_b
+        .replayer()
+        .config(config)
+        .policy(policy)
+        .spawn(client());
+    rig.up().await;
+    assert!(
+        wait_until(EVENTUALLY, || answered.lock().unwrap().len() >= 16).await,
+        "answered: {:?}",
+        answered.lock().unwrap()
+    );
+    // Leave time for a wrongful takeover to show.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let keys = answered.lock().unwrap().clone();
+    let unique: HashSet<&String> = keys.iter().collect();
+    assert_eq!(unique.len(), 16, "lost entries: {keys:?}");
+    assert_eq!(keys.len(), 16, "answered entries sent again: {keys:?}");
+    a.shutdown().await;
+    b.shutdown().await;
+}
