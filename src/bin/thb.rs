@@ -1,0 +1,2 @@
+//! `thb`: the admin tool (placeholder, see the `cli` feature).
+fn main() {}
