@@ -937,6 +937,17 @@ struct RateRow {
     http: f64,
     /// Median over rounds of ours / (slower baseline of that round).
     round_ratio: f64,
+    /// (min, max) over rounds: this box's scheduling is bimodal (see the
+    /// target's CPU per entry), the spread shows it.
+    ours_range: (f64, f64),
+    http_range: (f64, f64),
+    /// What the replayer's Redis protocol alone allows (no HTTP).
+    protocol: f64,
+}
+
+fn range(v: &[f64]) -> (f64, f64) {
+    v.iter()
+        .fold((f64::MAX, f64::MIN), |(lo, hi), x| (lo.min(*x), hi.max(*x)))
 }
 
 async fn part1(ctx: &Ctx, n: usize, rounds: usize) -> Vec<RateRow> {
@@ -1045,16 +1056,22 @@ async fn part1(ctx: &Ctx, n: usize, rounds: usize) -> Vec<RateRow> {
     vec![
         RateRow {
             label: "strict  (vs bare HTTP sequential)".into(),
-            ours: median(strict_r),
+            ours: median(strict_r.clone()),
             redis,
-            http: median(seq_r),
+            ours_range: range(&strict_r),
+            http_range: range(&seq_r),
+            protocol: with_lease,
+            http: median(seq_r.clone()),
             round_ratio: strict_ratio,
         },
         RateRow {
             label: "relaxed (vs bare HTTP 16 in flight)".into(),
-            ours: median(relaxed_r),
+            ours: median(relaxed_r.clone()),
             redis,
-            http: median(par_r),
+            ours_range: range(&relaxed_r),
+            http_range: range(&par_r),
+            protocol: without,
+            http: median(par_r.clone()),
             round_ratio: relaxed_ratio,
         },
     ]
@@ -1395,7 +1412,7 @@ fn main() {
             "   {:<36} {:>9} {:>11} {:>11} {:>12} {:>14}",
             "mode", "ours", "redis-rs", "bare HTTP", "ours/slower", "per-round med"
         );
-        for r in rows {
+        for r in &rows {
             let ratio = r.ours / r.redis.min(r.http);
             println!(
                 "   {:<36} {:>9.0} {:>11.0} {:>11.0} {:>12.2} {:>14.2}  {}",
@@ -1406,6 +1423,17 @@ fn main() {
                 ratio,
                 r.round_ratio,
                 if ratio >= 0.7 { "ok" } else { "BELOW 0.7" }
+            );
+        }
+        for r in &rows {
+            println!(
+                "   {:<36} range over rounds: ours {:.0}-{:.0}, bare HTTP {:.0}-{:.0}; Redis protocol alone {:.0}/s",
+                r.label.split(' ').next().unwrap_or(""),
+                r.ours_range.0,
+                r.ours_range.1,
+                r.http_range.0,
+                r.http_range.1,
+                r.protocol
             );
         }
     }
