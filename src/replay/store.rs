@@ -15,22 +15,6 @@ use crate::target::Target;
 /// The consumer group every replayer of a target joins.
 pub(crate) const GROUP: &str = "thb";
 
-/// `XACK` + `XDEL` each entry and set its processed-marker, in one step: an
-/// entry is either pending, or gone with its marker set.
-/// KEYS[1] = queue; ARGV = group, marker ttl (s), marker prefix, then pairs
-/// of (entry id, request id).
-const ACK: &str = r#"
-local n = 0
-for i = 4, #ARGV, 2 do
-  redis.call('XACK', KEYS[1], ARGV[1], ARGV[i])
-  n = n + redis.call('XDEL', KEYS[1], ARGV[i])
-  if ARGV[i + 1] ~= '' then
-    redis.call('SET', ARGV[3] .. ARGV[i + 1], '1', 'EX', ARGV[2])
-  end
-end
-return n
-"#;
-
 /// Moves one entry to the dead letters, with its reason, in one step.
 /// KEYS[1] = queue, KEYS[2] = dead; ARGV = group, entry id, reason, dead_at,
 /// then the entry's field/value pairs.
@@ -98,7 +82,6 @@ pub(crate) struct Store {
     lease: String,
     done_prefix: String,
     timeout: Duration,
-    ack: Script,
     dead_letter: Script,
     lease_script: Script,
     release: Script,
@@ -117,7 +100,6 @@ impl Store {
             lease: target.lease_key(),
             done_prefix: target.done_key(""),
             timeout: command_timeout,
-            ack: Script::new(ACK),
             dead_letter: Script::new(DEAD_LETTER),
             lease_script: Script::new(LEASE),
             release: Script::new(RELEASE),
@@ -351,26 +333,42 @@ impl Store {
         Ok(values.into_iter().map(|v| v.is_some()).collect())
     }
 
-    /// Acknowledges delivered entries and marks them processed.
+    /// Acknowledges entries and sets the processed-markers of delivered
+    /// ones, in one `MULTI` (native commands: cheaper for Redis than a
+    /// script looping over them). `(entry id, request id to mark)`.
     pub(crate) async fn ack(
         &self,
-        entries: &[(String, String)],
+        entries: &[(&str, Option<&str>)],
         marker_ttl: Duration,
     ) -> Result<(), RedisError> {
         if entries.is_empty() {
             return Ok(());
         }
-        let mut invocation = self.ack.key(&self.queue);
-        invocation
-            .arg(GROUP)
-            .arg(marker_ttl.as_secs().max(1))
-            .arg(&self.done_prefix);
-        for (entry_id, request_id) in entries {
-            invocation.arg(entry_id).arg(request_id);
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        let xack = pipe.cmd("XACK").arg(&self.queue).arg(GROUP);
+        for (entry_id, _) in entries {
+            xack.arg(*entry_id);
         }
-        self.invoke::<i64>("acknowledge", &invocation)
-            .await
-            .map(drop)
+        pipe.ignore();
+        let xdel = pipe.cmd("XDEL").arg(&self.queue);
+        for (entry_id, _) in entries {
+            xdel.arg(*entry_id);
+        }
+        pipe.ignore();
+        for request_id in entries.iter().filter_map(|(_, r)| *r) {
+            pipe.cmd("SET")
+                .arg(format!("{}{request_id}", self.done_prefix))
+                .arg(1)
+                .arg("EX")
+                .arg(marker_ttl.as_secs().max(1))
+                .ignore();
+        }
+        let mut conn = self.conn.clone();
+        match timeout(self.timeout, pipe.exec_async(&mut conn)).await {
+            Ok(r) => r.map_err(fail("acknowledge")),
+            Err(_) => Err(RedisError::timeout("acknowledge")),
+        }
     }
 
     /// Moves an entry to the dead letters with `reason`.

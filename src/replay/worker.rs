@@ -2,7 +2,7 @@
 
 use std::future::poll_fn;
 use std::marker::PhantomData;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -10,7 +10,7 @@ use futures_util::stream::{self, StreamExt};
 use http::header::HeaderValue;
 use http::{HeaderName, Request, Response};
 use http_body::Body;
-use tokio::sync::{broadcast, watch};
+use tokio::sync::{broadcast, mpsc, watch};
 use tracing::{debug, info, warn};
 
 use super::policy::{Attempt, ReplayPolicy, Verdict};
@@ -49,6 +49,10 @@ pub(crate) struct Worker<S, B> {
     /// Strict order: the lease is ours; cleared when a renewal fails.
     leader: AtomicBool,
     last_renewal: Mutex<Instant>,
+    /// Settled entries handed to the acknowledger and not yet acknowledged.
+    outstanding: AtomicUsize,
+    /// An acknowledgement failed: those entries are pending again.
+    ack_failed: AtomicBool,
     _body: PhantomData<fn(B)>,
 }
 
@@ -93,6 +97,8 @@ where
             paused_until: Mutex::new(None),
             leader: AtomicBool::new(false),
             last_renewal: Mutex::new(Instant::now()),
+            outstanding: AtomicUsize::new(0),
+            ack_failed: AtomicBool::new(false),
             _body: PhantomData,
         }
     }
@@ -115,6 +121,25 @@ where
     }
 
     pub(crate) async fn run(self) {
+        let (acks, settled) = mpsc::unbounded_channel();
+        // Deliveries never wait for their acknowledgements: a second loop
+        // acknowledges whatever has been delivered meanwhile, in one
+        // round trip.
+        tokio::join!(self.drain_loop(acks), self.ack_loop(settled));
+        if self.strict() && self.leader.load(Ordering::Acquire) {
+            let _ = self.store.release(&self.consumer).await;
+        }
+        // Leave the group if nothing stays claimed in our name; otherwise the
+        // next replayer takes those entries over first.
+        match self.store.forget_if_idle(&self.consumer).await {
+            Ok(true) => debug!("left the consumer group"),
+            Ok(false) => debug!("entries stay claimed for the next replayer"),
+            Err(e) => debug!(error = %e, "could not leave the consumer group"),
+        }
+        debug!("replayer stopped");
+    }
+
+    async fn drain_loop(&self, acks: mpsc::UnboundedSender<Settled>) {
         let mut retry = RetryDelay::new(Duration::from_millis(50), Duration::from_secs(2));
         while let Err(e) = self.store.ensure_group().await {
             debug!(error = %e, "cannot create the consumer group yet");
@@ -124,68 +149,47 @@ where
         }
         retry.reset();
         let mut last_reclaim: Option<Instant> = None;
-        let mut was_up = false;
+        let mut health = self.view.changes();
+        let mut generation = self.view.up_generation();
+        // Whether entries may wait in this consumer's own pending list
+        // (from an earlier life, a takeover, an interrupted batch, a failed
+        // acknowledgement): then it is read before new entries.
+        let mut pending = true;
+        // The next batch, read while the previous one was delivered.
+        let mut ahead: Option<Vec<Item>> = None;
 
         while !self.stopping() {
             // Pause while the target is not known to be up.
-            if self.view.health() != Health::Up {
-                if was_up {
-                    info!("target down: drain paused");
-                }
-                was_up = false;
+            if *health.borrow_and_update() != Health::Up {
+                debug!("target not up: drain paused");
                 let mut shutdown = self.shutdown.clone();
                 tokio::select! {
-                    _ = self.view.wait_for(Health::Up) => {}
+                    _ = health.wait_for(|h| *h == Health::Up) => {}
                     _ = shutdown.wait_for(|s| *s) => break,
                 }
                 continue;
             }
-            if !was_up {
-                was_up = true;
+            // A new life of the target (even a blip the loop did not see):
+            // ramp up again.
+            let now_generation = self.view.up_generation();
+            if now_generation != generation {
+                generation = now_generation;
                 lock(&self.pacer).restart();
             }
 
             if self.strict() {
-                match self
-                    .store
-                    .lease(&self.consumer, self.config.lease_ttl)
-                    .await
-                {
-                    Ok(true) => {
-                        *lock(&self.last_renewal) = Instant::now();
-                        if !self.leader.swap(true, Ordering::AcqRel) {
-                            // A new leader takes over whatever the previous
-                            // one had claimed: those entries are the oldest.
-                            match self.store.claim(&self.consumer, Duration::ZERO).await {
-                                Ok(n) if n > 0 => info!(
-                                    claimed = n,
-                                    "drain lease taken; took over pending entries"
-                                ),
-                                Ok(_) => debug!("drain lease taken"),
-                                Err(e) => {
-                                    self.leader.store(false, Ordering::Release);
-                                    warn!(error = %e, "cannot claim pending entries");
-                                    if !self.nap(retry.next()).await {
-                                        break;
-                                    }
-                                    continue;
-                                }
-                            }
-                            self.forget_stale_consumers().await;
-                        }
-                    }
-                    Ok(false) => {
-                        self.leader.store(false, Ordering::Release);
-                        // Another replica drains; check again within a lease
-                        // period so a dead one is replaced in time.
+                match self.hold_lease().await {
+                    Lease::Held { taken_over } => pending |= taken_over,
+                    Lease::Elsewhere => {
+                        // Another replica drains; check again within a
+                        // lease period so a dead one is replaced in time.
+                        ahead = None;
                         if !self.nap(self.config.lease_ttl / 3).await {
                             break;
                         }
                         continue;
                     }
-                    Err(e) => {
-                        debug!(error = %e, "lease unavailable");
-                        self.leader.store(false, Ordering::Release);
+                    Lease::Unknown => {
                         if !self.nap(retry.next()).await {
                             break;
                         }
@@ -201,17 +205,37 @@ where
                     .claim(&self.consumer, self.config.visibility_timeout)
                     .await
                 {
-                    Ok(n) if n > 0 => info!(
-                        claimed = n,
-                        "took over entries idle past the visibility timeout"
-                    ),
+                    Ok(n) if n > 0 => {
+                        info!(
+                            claimed = n,
+                            "took over entries idle past the visibility timeout"
+                        );
+                        pending = true;
+                    }
                     Ok(_) => {}
                     Err(e) => debug!(error = %e, "reclaim failed"),
                 }
                 self.forget_stale_consumers().await;
             }
+            pending |= self.ack_failed.swap(false, Ordering::AcqRel);
 
-            let batch = match self.next_batch().await {
+            let batch = match ahead.take() {
+                Some(batch) => Ok(batch),
+                None if pending => {
+                    // Entries delivered but not yet acknowledged are pending
+                    // too: let the acknowledgements land before reading.
+                    self.acks_settled().await;
+                    match self.fetch(false).await {
+                        Ok(batch) if batch.is_empty() => {
+                            pending = false;
+                            self.fetch(true).await
+                        }
+                        other => other,
+                    }
+                }
+                None => self.fetch(true).await,
+            };
+            let batch = match batch {
                 Ok(batch) => batch,
                 Err(e) => {
                     debug!(error = %e, "cannot read the buffer");
@@ -223,65 +247,130 @@ where
             };
             retry.reset();
             if batch.is_empty() {
-                self.idle().await;
+                self.idle(&mut health).await;
                 continue;
             }
-            self.drain_batch(batch).await;
-        }
 
-        if self.strict() && self.leader.load(Ordering::Acquire) {
-            let _ = self.store.release(&self.consumer).await;
+            // Deliver this batch while reading the next (new entries only:
+            // the pending list is never read while acknowledgements fly).
+            let prefetch = async {
+                if pending {
+                    None
+                } else {
+                    Some(self.fetch(true).await)
+                }
+            };
+            let (completed, next) = tokio::join!(self.drain_batch(batch, &acks), prefetch);
+            if !completed {
+                // Stopped mid-batch (shutdown, lease lost): what was not
+                // delivered stays claimed in our name.
+                pending = true;
+            }
+            match next {
+                Some(Ok(next)) if !next.is_empty() => ahead = Some(next),
+                Some(Err(e)) => debug!(error = %e, "cannot read ahead"),
+                _ => {}
+            }
         }
-        // Leave the group if nothing stays claimed in our name; otherwise the
-        // next replayer takes those entries over first.
-        match self.store.forget_if_idle(&self.consumer).await {
-            Ok(true) => debug!("left the consumer group"),
-            Ok(false) => debug!("entries stay claimed for the next replayer"),
-            Err(e) => debug!(error = %e, "could not leave the consumer group"),
-        }
-        debug!("replayer stopped");
+        // Whatever was read ahead stays pending for the next replayer. Let
+        // the acknowledgements of what was delivered land, within the grace.
+        let _ = tokio::time::timeout(self.config.grace, self.acks_settled()).await;
     }
 
-    /// This consumer's pending entries first (claimed earlier, or taken
-    /// over), then new ones. Each comes with how many times it was handed
-    /// to a consumer before (crashes, takeovers), so attempts count across
-    /// processes.
-    async fn next_batch(&self) -> Result<Vec<(RawEntry, u32)>, crate::RedisError> {
-        let pending = self
-            .store
-            .read(&self.consumer, self.config.batch, false)
-            .await?;
-        if let (Some(first), Some(last)) = (pending.first(), pending.last()) {
-            let counts = self
-                .store
-                .delivery_counts(
-                    &self.consumer,
-                    &first.entry_id,
-                    &last.entry_id,
-                    pending.len(),
-                )
-                .await?;
-            return Ok(pending
-                .into_iter()
-                .map(|e| {
-                    let handed = counts.get(&e.entry_id).copied().unwrap_or(1);
-                    let prior = u32::try_from(handed.saturating_sub(1)).unwrap_or(u32::MAX);
-                    (e, prior)
-                })
-                .collect());
+    /// Strict order: takes or renews the drain lease when due.
+    async fn hold_lease(&self) -> Lease {
+        let due = !self.leader.load(Ordering::Acquire)
+            || lock(&self.last_renewal).elapsed() >= self.config.lease_ttl / 3;
+        if !due {
+            return Lease::Held { taken_over: false };
         }
-        let new = self
+        match self
             .store
-            .read(&self.consumer, self.config.batch, true)
+            .lease(&self.consumer, self.config.lease_ttl)
+            .await
+        {
+            Ok(true) => {
+                *lock(&self.last_renewal) = Instant::now();
+                if self.leader.swap(true, Ordering::AcqRel) {
+                    return Lease::Held { taken_over: false };
+                }
+                // A new leader takes over whatever the previous one had
+                // claimed: those entries are the oldest.
+                match self.store.claim(&self.consumer, Duration::ZERO).await {
+                    Ok(n) if n > 0 => {
+                        info!(claimed = n, "drain lease taken; took over pending entries")
+                    }
+                    Ok(_) => debug!("drain lease taken"),
+                    Err(e) => {
+                        warn!(error = %e, "cannot claim pending entries");
+                        self.leader.store(false, Ordering::Release);
+                        return Lease::Unknown;
+                    }
+                }
+                self.forget_stale_consumers().await;
+                Lease::Held { taken_over: true }
+            }
+            Ok(false) => {
+                self.leader.store(false, Ordering::Release);
+                Lease::Elsewhere
+            }
+            Err(e) => {
+                debug!(error = %e, "lease unavailable");
+                self.leader.store(false, Ordering::Release);
+                Lease::Unknown
+            }
+        }
+    }
+
+    /// One batch: this consumer's pending entries (`new == false`) or new
+    /// ones, each with how many times it was handed to a consumer before
+    /// (crashes, takeovers: attempts count across processes) and whether
+    /// its processed-marker is already set.
+    async fn fetch(&self, new: bool) -> Result<Vec<Item>, crate::RedisError> {
+        let entries = self
+            .store
+            .read(&self.consumer, self.config.batch, new)
             .await?;
-        Ok(new.into_iter().map(|e| (e, 0)).collect())
+        let priors: Vec<u32> = match (new, entries.first(), entries.last()) {
+            (false, Some(first), Some(last)) => {
+                let counts = self
+                    .store
+                    .delivery_counts(
+                        &self.consumer,
+                        &first.entry_id,
+                        &last.entry_id,
+                        entries.len(),
+                    )
+                    .await?;
+                entries
+                    .iter()
+                    .map(|e| {
+                        let handed = counts.get(&e.entry_id).copied().unwrap_or(1);
+                        u32::try_from(handed.saturating_sub(1)).unwrap_or(u32::MAX)
+                    })
+                    .collect()
+            }
+            _ => vec![0; entries.len()],
+        };
+        // Entries delivered before (marker set) but not removed, or the same
+        // request stored twice: skipped, not sent again.
+        let ids: Vec<&str> = entries
+            .iter()
+            .map(|e| e.request_id().unwrap_or(""))
+            .collect();
+        let done = self.store.done(&ids).await?;
+        Ok(entries
+            .into_iter()
+            .zip(priors)
+            .zip(done)
+            .map(|((entry, prior), done)| Item { entry, prior, done })
+            .collect())
     }
 
     /// Nothing to do: wait for the buffer to grow, the heartbeat to change,
     /// the safety poll or shutdown.
-    async fn idle(&self) {
+    async fn idle(&self, health: &mut watch::Receiver<Health>) {
         let mut shutdown = self.shutdown.clone();
-        let mut health = self.view.changes();
         tokio::select! {
             _ = self.view.backlog_grew() => {}
             _ = health.changed() => {}
@@ -290,59 +379,73 @@ where
         }
     }
 
-    async fn drain_batch(&self, batch: Vec<(RawEntry, u32)>) {
-        // Entries delivered before (marker set) but not removed: skip them.
-        let ids: Vec<&str> = batch
-            .iter()
-            .map(|(e, _)| e.request_id().unwrap_or(""))
-            .collect();
-        let done = match self.store.done(&ids).await {
-            Ok(done) => done,
-            Err(e) => {
-                debug!(error = %e, "cannot read processed-markers");
-                return;
+    /// Delivers a batch, handing each settled entry to the acknowledger.
+    /// Returns whether the whole batch was dealt with.
+    async fn drain_batch(&self, batch: Vec<Item>, acks: &mpsc::UnboundedSender<Settled>) -> bool {
+        let ack = |settled: Settled| {
+            self.outstanding.fetch_add(1, Ordering::AcqRel);
+            if acks.send(settled).is_err() {
+                self.outstanding.fetch_sub(1, Ordering::AcqRel);
             }
         };
-        let mut skipped = Vec::new();
-        let mut todo = Vec::new();
-        for ((entry, prior), done) in batch.into_iter().zip(done) {
-            if done {
-                skipped.push(Settled {
-                    request_id: entry.request_id().unwrap_or("").to_owned(),
-                    entry_id: entry.entry_id,
+        let mut todo = Vec::with_capacity(batch.len());
+        for item in batch {
+            if item.done {
+                ack(Settled {
+                    request_id: item.entry.request_id().unwrap_or("").to_owned(),
+                    entry_id: item.entry.entry_id,
                     delivered: None,
                     skipped: true,
                 });
             } else {
-                todo.push((entry, prior));
+                todo.push(item);
             }
         }
-        self.settle(skipped).await;
-
         if self.strict() {
-            // One at a time, in order; acknowledged together at the end of
-            // the batch (a crash redelivers at most this batch).
-            let mut settled = Vec::with_capacity(todo.len());
-            for (entry, prior) in todo {
-                let result = self.deliver_in_span(entry, prior).await;
-                let stop = result.is_none() && (self.stopping() || !self.still_leader());
-                settled.extend(result);
-                if stop {
-                    break;
+            // One at a time, in order.
+            for item in todo {
+                match self.deliver_in_span(item.entry, item.prior).await {
+                    Some(settled) => ack(settled),
+                    None if self.stopping() || !self.still_leader() => return false,
+                    None => {}
                 }
             }
-            self.settle(settled).await;
+            true
         } else {
-            // Concurrent, each acknowledged as soon as it is answered: a slow
-            // neighbour must not keep answered entries pending until another
-            // replica takes them for abandoned.
             let limit = self.config.max_in_flight.max(1);
             stream::iter(todo)
-                .for_each_concurrent(limit, |(entry, prior)| async move {
-                    let settled = self.deliver_in_span(entry, prior).await;
-                    self.settle(settled.into_iter().collect()).await;
+                .for_each_concurrent(limit, |item| async move {
+                    if let Some(settled) = self.deliver_in_span(item.entry, item.prior).await {
+                        ack(settled);
+                    }
                 })
                 .await;
+            !self.stopping()
+        }
+    }
+
+    /// Acknowledges settled entries as they come, in batches of whatever
+    /// arrived meanwhile.
+    async fn ack_loop(&self, mut settled: mpsc::UnboundedReceiver<Settled>) {
+        while let Some(first) = settled.recv().await {
+            let mut batch = vec![first];
+            while batch.len() < 512 {
+                match settled.try_recv() {
+                    Ok(more) => batch.push(more),
+                    Err(_) => break,
+                }
+            }
+            let n = batch.len();
+            self.settle(batch).await;
+            self.outstanding.fetch_sub(n, Ordering::AcqRel);
+        }
+    }
+
+    /// Waits until every delivered entry handed to the acknowledger has been
+    /// dealt with.
+    async fn acks_settled(&self) {
+        while self.outstanding.load(Ordering::Acquire) > 0 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
         }
     }
 
@@ -352,20 +455,18 @@ where
         if settled.is_empty() {
             return;
         }
-        let acks: Vec<(String, String)> = settled
+        let acks: Vec<(&str, Option<&str>)> = settled
             .iter()
             .map(|s| {
-                let marker = match s.delivered {
-                    Some(_) => s.request_id.clone(),
-                    None => String::new(),
-                };
-                (s.entry_id.clone(), marker)
+                let marker = s.delivered.is_some().then_some(s.request_id.as_str());
+                (s.entry_id.as_str(), marker)
             })
             .collect();
         if let Err(e) = self.store.ack(&acks, self.config.marker_ttl).await {
             // They stay pending and are delivered again (same key): at least
             // once.
             warn!(error = %e, entries = acks.len(), "cannot acknowledge delivered entries; they will be delivered again");
+            self.ack_failed.store(true, Ordering::Release);
             return;
         }
         for s in settled {
@@ -628,6 +729,22 @@ where
             kind,
         });
     }
+}
+
+/// What the lease said.
+enum Lease {
+    Held { taken_over: bool },
+    Elsewhere,
+    Unknown,
+}
+
+/// An entry read from the buffer, with what the replayer needs to know.
+struct Item {
+    entry: RawEntry,
+    /// Times it was handed to a consumer before this read.
+    prior: u32,
+    /// Its processed-marker is set: delivered before.
+    done: bool,
 }
 
 /// An entry done with, to acknowledge.
