@@ -42,7 +42,7 @@ const RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Keys per `SCAN` call.
 const SCAN_COUNT: usize = 1000;
 /// The consumer group the replayers of a target share on its queue.
-const GROUP: &str = "thb";
+const GROUP: &str = tower_heartbeat_buffer::replay::CONSUMER_GROUP;
 /// Body bytes shown by `peek`.
 const PREVIEW_BYTES: usize = 60;
 /// Dead letters requeued per round of `dead requeue --all`.

@@ -79,6 +79,9 @@ use tokio::task::JoinHandle;
 pub use dead::{DeadLetter, DeadLetters};
 pub use policy::{Attempt, DefaultReplayPolicy, ReplayPolicy, Verdict};
 pub(crate) use store::Store;
+/// The consumer group on `ns:{t}:queue` that replayers share (public: admin
+/// tools read its pending list).
+pub use store::GROUP as CONSUMER_GROUP;
 pub use worker::{ATTEMPT_HEADER, REPLAY_HEADER};
 
 use crate::error::RedisError;

@@ -13,7 +13,7 @@ use crate::error::RedisError;
 use crate::target::Target;
 
 /// The consumer group every replayer of a target joins.
-pub(crate) const GROUP: &str = "thb";
+pub const GROUP: &str = "thb";
 
 /// Moves one entry to the dead letters, with its reason, in one step.
 /// KEYS[1] = queue, KEYS[2] = dead; ARGV = group, entry id, reason, dead_at,
