@@ -86,3 +86,118 @@ pub fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()
         info!("Ctrl-C: shutting down");
     })
 }
+
+/// What the short wiring examples (`hyper_client`, `reqwest_client`,
+/// `axum_router`) and the `demo` share: the Redis they run against, the way
+/// they print an answer and the replay, and the cleanup of their keys.
+/// Examples that do not use it (the gateway, the drain) ignore it.
+#[allow(dead_code)]
+pub mod walkthrough {
+    use std::time::Duration;
+
+    use tokio::sync::broadcast::{error::RecvError, Receiver};
+    use tower_heartbeat_buffer::replay::{ReplayEvent, ReplayEventKind};
+    use tower_heartbeat_buffer::{Buffered, Target, Unavailable};
+
+    /// The Redis named by `$REDIS_URL`. Without it (or with a URL redis-rs
+    /// cannot parse) prints what to do and exits with status 2.
+    pub fn redis_from_env(example: &str) -> redis::Client {
+        let url = std::env::var("REDIS_URL").unwrap_or_default();
+        if url.trim().is_empty() {
+            eprintln!(
+                "the {example} example needs a Redis server: \
+                 REDIS_URL=redis://127.0.0.1:6379/ cargo run --example {example}\n\
+                 (`cargo run --example demo` starts a private one by itself)"
+            );
+            std::process::exit(2);
+        }
+        redis::Client::open(url.as_str()).unwrap_or_else(|e| {
+            eprintln!("REDIS_URL={url} is not a Redis URL: {e}");
+            std::process::exit(2);
+        })
+    }
+
+    /// A target name of its own for this run (`<base>-<pid>`), so that runs
+    /// against a shared Redis never see each other's buffer.
+    pub fn run_target(base: &str) -> Target {
+        Target::new(&format!("{base}-{}", std::process::id())).expect("a valid target name")
+    }
+
+    /// One line saying who answered `response` and what it means.
+    pub fn describe<B>(response: &http::Response<B>) -> String {
+        let status = response.status();
+        if let Some(buffered) = response.extensions().get::<Buffered>() {
+            format!(
+                "{status}: stored in Redis as {} (buffer length {}), delivered later",
+                buffered.id(),
+                buffered.queue_len()
+            )
+        } else if let Some(unavailable) = response.extensions().get::<Unavailable>() {
+            format!(
+                "{status}: neither delivered nor stored ({})",
+                unavailable.reason()
+            )
+        } else {
+            format!("{status}: answered by the target")
+        }
+    }
+
+    /// Reads replay events, printing each, until `n` requests were delivered;
+    /// fails on a dead letter, or if `within` passes first.
+    pub async fn wait_for_replays(
+        events: &mut Receiver<ReplayEvent>,
+        n: usize,
+        within: Duration,
+    ) -> Result<(), String> {
+        let mut delivered = 0;
+        let deadline = tokio::time::Instant::now() + within;
+        while delivered < n {
+            let event = match tokio::time::timeout_at(deadline, events.recv()).await {
+                Err(_) => return Err(format!("{delivered} of {n} replayed after {within:?}")),
+                Ok(Err(RecvError::Lagged(_))) => continue,
+                Ok(Err(RecvError::Closed)) => return Err("the replayer stopped".into()),
+                Ok(Ok(event)) => event,
+            };
+            match event.kind {
+                ReplayEventKind::Delivered { status, attempt } => {
+                    delivered += 1;
+                    println!("  replayed {}: {status} (attempt {attempt})", event.id);
+                }
+                ReplayEventKind::DeadLettered { reason } => {
+                    return Err(format!("{} was dead-lettered: {reason}", event.id))
+                }
+                other => println!("  replay of {}: {other:?}", event.id),
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes every key of `target` (heartbeat, buffer, dead letters, lease,
+    /// processed-markers): `SCAN MATCH <namespace>:{<name>}:*`, then `DEL`.
+    /// Target names and namespaces cannot hold glob characters.
+    pub async fn remove_keys(client: &redis::Client, target: &Target) -> redis::RedisResult<()> {
+        let mut conn = client.get_multiplexed_async_connection().await?;
+        let pattern = format!("{}:{{{}}}:*", target.namespace(), target.name());
+        let mut keys: Vec<String> = Vec::new();
+        let mut cursor = 0u64;
+        loop {
+            let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut conn)
+                .await?;
+            keys.extend(batch);
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+        if !keys.is_empty() {
+            redis::cmd("DEL").arg(&keys).exec_async(&mut conn).await?;
+        }
+        Ok(())
+    }
+}
