@@ -381,13 +381,10 @@ fn demo_without_any_redis_says_how_to_install_one() {
 }
 
 /// Without keyspace notifications the watcher must still see the heartbeat
-/// come back (at its reconciliation). Today it does not while the buffer is
-/// non-empty: every 100 ms backlog poll goes through `TargetTask::refresh`,
-/// whose `Ok` pushes `next_reconcile` a full interval ahead, so the
-/// heartbeat is never read again, the replayer never resumes, and the demo
-/// ends with `lost=4`.
+/// come back (at its reconciliation) while the buffer is not empty. (It once
+/// did not: the 100 ms backlog polls postponed every reconciliation, so the
+/// replayer never resumed and the demo ended with `lost=4`.)
 #[test]
-#[ignore = "watcher bug: without notifications, a non-empty buffer postpones heartbeat reconciliation forever"]
 fn demo_against_redis_without_keyspace_notifications() {
     let server = RedisServer::start_with(RedisOptions::new().notifications(None));
     let finished = run("demo", &[("REDIS_URL", &server.url())], &[], DEMO_LIMIT);

@@ -717,3 +717,40 @@ async fn the_view_follows_the_buffer_filling_and_draining() {
         "drain seen after {seen:?}"
     );
 }
+
+/// Regression: while the buffer is not empty the watcher polls its length;
+/// those polls must not postpone the heartbeat's reconciliation, or, without
+/// notifications, a returning target is never seen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_buffer_does_not_postpone_reconciliation_without_notifications() {
+    let server = RedisServer::start_with(RedisOptions::new().notifications(None));
+    let interval = Duration::from_millis(300);
+    let watcher = Watcher::builder()
+        .reconcile_interval(interval)
+        .connect(server.client())
+        .await
+        .unwrap();
+    let target = Target::new("orders").unwrap();
+    let mut conn = server.conn();
+    let _: String = conn.xadd(target.queue_key(), "*", &[("v", "1")]).unwrap();
+    let view = watcher.watch(&target).await;
+    assert_eq!(view.backlog(), Some(1));
+    assert_eq!(view.health(), Health::Down);
+    // Past the start-up re-reads: the backlog is being polled.
+    assert!(
+        wait_until(EVENTUALLY, || watcher.notification_mode()
+            == NotificationMode::ReconcileOnly)
+        .await
+    );
+    let polls = server.command_calls("xlen");
+    assert!(wait_until(EVENTUALLY, || server.command_calls("xlen") >= polls + 3).await);
+    let up = reaction(&view, Health::Up, EVENTUALLY, || {
+        let _: () = conn.set(target.heartbeat_key(), 1).unwrap();
+    })
+    .await
+    .expect("a returning target is seen");
+    assert!(
+        up < interval + Duration::from_millis(200),
+        "seen after {up:?}"
+    );
+}

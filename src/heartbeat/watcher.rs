@@ -499,6 +499,9 @@ impl TargetTask {
         let mut deadline_passed: Option<Instant> = None;
         loop {
             let before = self.last.health;
+            // Whether this round reads the heartbeat, or only the queue's
+            // length: only a heartbeat read counts as a reconciliation.
+            let reads_heartbeat = self.heartbeat_dirty || discover;
             match self.refresh(discover).await {
                 Ok(assessment) => {
                     if assessment.health != before {
@@ -518,7 +521,9 @@ impl TargetTask {
                     retry_delay = RETRY_MIN;
                     schedule.retry_at = None;
                     schedule.deadline = assessment.deadline.map(Instant::from_std);
-                    schedule.next_reconcile = Instant::now() + self.reconcile_interval;
+                    if reads_heartbeat {
+                        schedule.next_reconcile = Instant::now() + self.reconcile_interval;
+                    }
                 }
                 Err(e) => {
                     if self.state.set_reachable(false) {
