@@ -77,7 +77,7 @@ impl ReplayPolicy for DefaultReplayPolicy {
             Attempt::Failed(error) => Verdict::Retry {
                 after: None,
                 pause: false,
-                reason: format!("no answer: {error}"),
+                reason: format!("no answer: {}", chain(error)),
             },
         }
     }
@@ -90,6 +90,22 @@ where
     fn judge(&self, attempt: Attempt<'_>) -> Verdict {
         self(attempt)
     }
+}
+
+/// An error with its sources: "client error (Connect): tcp connect error:
+/// Connection refused" says more than its first link.
+fn chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(s) = source {
+        let next = s.to_string();
+        if !text.contains(&next) {
+            text.push_str(": ");
+            text.push_str(&next);
+        }
+        source = s.source();
+    }
+    text
 }
 
 /// `Retry-After` in seconds (the HTTP-date form is not honoured: it needs a
