@@ -17,24 +17,52 @@
 //!
 //! # Example
 //!
-//! ```no_run
+//! The whole story, run as a doctest against a real `redis-server` (started
+//! privately by the hidden lines) and a real HTTP service:
+//!
+//! ```
 //! use bytes::Bytes;
 //! use http_body_util::Full;
 //! use hyper_util::client::legacy::{connect::HttpConnector, Client};
 //! use hyper_util::rt::TokioExecutor;
 //! use tower::{Service, ServiceBuilder, ServiceExt};
 //! use tower_heartbeat_buffer::{
-//!     Buffered, HeartbeatBufferLayer, RequestBody, Target, Watcher,
+//!     Buffered, Heartbeat, HeartbeatBufferLayer, RequestBody, Target, Watcher,
 //! };
 //!
-//! # #[tokio::main(flavor = "current_thread")]
+//! # #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 //! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-//! let redis = redis::Client::open("redis://127.0.0.1:6379/")?;
+//! # // A private redis-server on a Unix socket, and an HTTP service that
+//! # // counts what it receives.
+//! # let dir = std::env::temp_dir().join(format!("thb-doc-{}", std::process::id()));
+//! # std::fs::create_dir_all(&dir)?;
+//! # let socket = dir.join("redis.sock");
+//! # let bin = std::env::var("REDIS_SERVER_BIN").unwrap_or_else(|_| "redis-server".into());
+//! # let mut server = std::process::Command::new(bin)
+//! #     .args(["--port", "0", "--save", "", "--notify-keyspace-events", "KA", "--unixsocket"])
+//! #     .arg(&socket)
+//! #     .stdout(std::process::Stdio::null())
+//! #     .spawn()?;
+//! # let started = std::time::Instant::now();
+//! # while !socket.exists() && started.elapsed() < std::time::Duration::from_secs(10) {
+//! #     std::thread::sleep(std::time::Duration::from_millis(5));
+//! # }
+//! # let redis_url = format!("redis+unix://{}", socket.display());
+//! # let received = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+//! # let counter = received.clone();
+//! # let app = axum::Router::new().fallback(move || {
+//! #     counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+//! #     async { "ok" }
+//! # });
+//! # let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+//! # let orders_url = format!("http://{}", listener.local_addr()?);
+//! # tokio::spawn(async move { axum::serve(listener, app).await });
+//! let redis = redis::Client::open(redis_url)?; // e.g. "redis://127.0.0.1:6379/"
 //! let orders = Target::new("orders")?; // watches `thb:{orders}:hb`
 //!
 //! // One watcher per process; every layer and clone shares its views.
-//! let watcher = Watcher::connect(redis).await?;
-//! let layer = HeartbeatBufferLayer::builder(orders).build(&watcher).await?;
+//! let watcher = Watcher::connect(redis.clone()).await?;
+//! let layer = HeartbeatBufferLayer::builder(orders.clone()).build(&watcher).await?;
 //!
 //! // The wrapped client receives `RequestBody<B>`: the caller's body, or the
 //! // bytes held in memory in case the call must be stored.
@@ -47,13 +75,27 @@
 //! // Delivers what gets buffered once orders is back, through the same client.
 //! let replayer = layer.replayer().spawn(client);
 //!
-//! let request = http::Request::post("http://orders.internal/orders")
+//! // No heartbeat yet: orders counts as down, and the write is stored.
+//! let request = http::Request::post(format!("{orders_url}/orders"))
 //!     .body(Full::new(Bytes::from_static(b"{\"sku\":42}")))?;
 //! let response = orders_client.ready().await?.call(request).await?;
-//! if let Some(buffered) = response.extensions().get::<Buffered>() {
-//!     println!("orders is down; stored as {}", buffered.id());
-//! }
+//! assert_eq!(response.status(), http::StatusCode::ACCEPTED);
+//! let buffered = response.extensions().get::<Buffered>().unwrap();
+//! println!("orders is down; stored as {}", buffered.id());
+//!
+//! // Orders starts its heartbeat: the replayer delivers the stored write.
+//! let heartbeat = Heartbeat::builder(orders).start(redis)?;
+//! # while received.load(std::sync::atomic::Ordering::SeqCst) == 0 || replayer.delivered() == 0 {
+//! #     assert!(started.elapsed() < std::time::Duration::from_secs(30), "not replayed");
+//! #     tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+//! # }
+//! # assert_eq!(received.load(std::sync::atomic::Ordering::SeqCst), 1);
+//!
 //! replayer.shutdown().await;
+//! heartbeat.shutdown().await?;
+//! # server.kill()?;
+//! # let _ = server.wait();
+//! # let _ = std::fs::remove_dir_all(&dir);
 //! # Ok(()) }
 //! ```
 //!
