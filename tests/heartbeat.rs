@@ -754,3 +754,70 @@ async fn a_busy_buffer_does_not_postpone_reconciliation_without_notifications() 
         "seen after {up:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_heartbeat_key_of_the_wrong_type_counts_as_down() {
+    let server = RedisServer::start();
+    let target = Target::new("orders").unwrap();
+    let view = watcher(&server).await.watch(&target).await;
+    let mut conn = server.conn();
+    let _: () = conn.set(target.heartbeat_key(), 1).unwrap();
+    timeout(EVENTUALLY, view.wait_for(Health::Up))
+        .await
+        .unwrap();
+    // Something else writes a list where the heartbeat lives.
+    let _: () = conn.del(target.heartbeat_key()).unwrap();
+    let _: () = conn.rpush(target.heartbeat_key(), "1").unwrap();
+    timeout(EVENTUALLY, view.wait_for(Health::Down))
+        .await
+        .unwrap();
+    let _: () = conn.sadd("thb:{other}:hb", "1").unwrap();
+    let other = watcher(&server)
+        .await
+        .watch(&Target::new("other").unwrap())
+        .await;
+    assert_eq!(other.health(), Health::Down);
+}
+
+/// Captures what the crate logs on this thread (a current-thread runtime
+/// keeps every task here).
+#[derive(Clone, Default)]
+struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn an_eviction_policy_that_could_drop_buffered_requests_is_reported_loudly() {
+    let logs = Captured::default();
+    let writer = logs.clone();
+    let _guard = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_max_level(tracing::Level::WARN)
+        .with_ansi(false)
+        .finish();
+    let _guard = tracing::subscriber::set_default(_guard);
+    let server = RedisServer::start_with(
+        RedisOptions::new()
+            .extra("maxmemory", "100mb")
+            .extra("maxmemory-policy", "allkeys-lru"),
+    );
+    let watcher = watcher(&server).await;
+    assert!(
+        wait_until(EVENTUALLY, || watcher.notification_mode()
+            != NotificationMode::Unchecked)
+        .await
+    );
+    let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    assert!(
+        text.contains("ERROR") && text.contains("allkeys-lru") && text.contains("noeviction"),
+        "{text}"
+    );
+}

@@ -116,6 +116,19 @@ pub(crate) async fn check(conn: &mut ConnectionManager, may_configure: bool) -> 
     }
 }
 
+/// Reads `maxmemory-policy`: `Some(policy)` when it may evict keys without
+/// a TTL (the buffer streams have none), `None` when it cannot (or cannot be
+/// read).
+pub(crate) async fn risky_eviction_policy(conn: &mut ConnectionManager) -> Option<String> {
+    let reply: Value = redis::cmd("CONFIG")
+        .arg("GET")
+        .arg("maxmemory-policy")
+        .query_async(conn)
+        .await
+        .ok()?;
+    config_value(&reply).filter(|policy| policy.starts_with("allkeys"))
+}
+
 /// `CONFIG GET` answers a map in RESP3 and a flat array in RESP2.
 fn config_value(reply: &Value) -> Option<String> {
     let value = match reply {

@@ -14,8 +14,9 @@ use super::view::Health;
 /// Statuses that mean "alive but do not send me traffic".
 const DOWN_STATUSES: [&str; 2] = ["draining", "down"];
 
-/// Reads, for each key: its PTTL (-2 gone, -1 no TTL) and its status, if it
-/// states one (the `status` field of a hash, or a short string value).
+/// Reads, for each key: its PTTL (-2 gone, -1 no TTL), its status, if it
+/// states one (the `status` field of a hash, or a short string value), and
+/// its type (a list or a set is not a heartbeat: it counts as down).
 ///
 /// `TYPE` goes first because it makes Redis expire the key lazily if its TTL
 /// has passed, so a read at our local deadline sees the truth even when the
@@ -34,7 +35,7 @@ for i, key in ipairs(KEYS) do
       status = redis.call('GETRANGE', key, 0, 15)
     end
   end
-  out[i] = {pttl, status}
+  out[i] = {pttl, status, kind}
 end
 return out
 "#;
@@ -50,6 +51,9 @@ pub(crate) struct KeyReading {
     pub(crate) pttl_ms: i64,
     /// The stated status, lowercased; empty when none.
     pub(crate) status: String,
+    /// The key's type when it is neither a string nor a hash (then it is
+    /// not a heartbeat and counts as down).
+    pub(crate) wrong_type: Option<String>,
 }
 
 impl KeyReading {
@@ -57,16 +61,24 @@ impl KeyReading {
         Self {
             pttl_ms,
             status: status.trim().to_ascii_lowercase(),
+            wrong_type: None,
         }
+    }
+
+    fn with_type(mut self, kind: &str) -> Self {
+        if !matches!(kind, "string" | "hash" | "none" | "") {
+            self.wrong_type = Some(kind.to_owned());
+        }
+        self
     }
 
     fn exists(&self) -> bool {
         self.pttl_ms != -2
     }
 
-    /// Alive and not announcing a stop.
+    /// Alive, a heartbeat, and not announcing a stop.
     fn serving(&self) -> bool {
-        self.exists() && !DOWN_STATUSES.contains(&self.status.as_str())
+        self.exists() && self.wrong_type.is_none() && !DOWN_STATUSES.contains(&self.status.as_str())
     }
 }
 
@@ -121,7 +133,7 @@ pub(crate) fn parse_reply(value: &redis::Value, expected: usize) -> Vec<KeyReadi
     if let redis::Value::Array(items) = value {
         for item in items {
             let reading = match item {
-                redis::Value::Array(pair) if pair.len() == 2 => {
+                redis::Value::Array(pair) if pair.len() >= 2 => {
                     let pttl = match &pair[0] {
                         redis::Value::Int(n) => *n,
                         _ => -2,
@@ -131,7 +143,14 @@ pub(crate) fn parse_reply(value: &redis::Value, expected: usize) -> Vec<KeyReadi
                         redis::Value::SimpleString(s) => s.clone(),
                         _ => String::new(),
                     };
-                    KeyReading::new(pttl, &status)
+                    let kind = match pair.get(2) {
+                        Some(redis::Value::BulkString(b)) => {
+                            String::from_utf8_lossy(b).into_owned()
+                        }
+                        Some(redis::Value::SimpleString(s)) => s.clone(),
+                        _ => String::new(),
+                    };
+                    KeyReading::new(pttl, &status).with_type(&kind)
                 }
                 _ => KeyReading::new(-2, ""),
             };
@@ -190,6 +209,15 @@ mod tests {
             let a = assess(&[KeyReading::new(5000, status)], Instant::now());
             assert_eq!(a.health, Health::Up, "{status}");
         }
+    }
+
+    #[test]
+    fn a_key_of_another_type_is_not_a_heartbeat() {
+        let list = KeyReading::new(5000, "").with_type("list");
+        assert_eq!(list.wrong_type.as_deref(), Some("list"));
+        assert_eq!(assess(&[list], Instant::now()).health, Health::Down);
+        let hash = KeyReading::new(5000, "up").with_type("hash");
+        assert_eq!(assess(&[hash], Instant::now()).health, Health::Up);
     }
 
     #[test]

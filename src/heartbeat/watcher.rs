@@ -11,7 +11,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{ProtocolVersion, PushInfo, PushKind, Value};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::{sleep_until, timeout, Instant};
-use tracing::{debug, info, trace, warn, Instrument};
+use tracing::{debug, error, info, trace, warn, Instrument};
 
 use super::notifications::{self, Check, NotificationMode};
 use super::probe::{self, Assessment};
@@ -289,6 +289,7 @@ impl Watcher {
             heartbeat_dirty: true,
             queue_dirty: true,
             queue_type_warned: false,
+            wrong_type_warned: BTreeSet::new(),
             last: probe::assess(&[], std::time::Instant::now()),
             metrics: crate::metrics::ViewMetrics::new(target.name()),
             reconcile_interval: self.inner.config.reconcile_interval,
@@ -407,6 +408,7 @@ struct Supervisor {
 impl Supervisor {
     async fn run(mut self) {
         let mut warned_for: Option<NotificationMode> = None;
+        let mut eviction_warned = false;
         loop {
             let mut delay = RETRY_MIN;
             loop {
@@ -426,6 +428,17 @@ impl Supervisor {
                         }
                         debug!(?mode, "notification mode");
                         self.mode.send_replace(mode);
+                        if let Some(policy) =
+                            notifications::risky_eviction_policy(&mut self.conn).await
+                        {
+                            if !std::mem::replace(&mut eviction_warned, true) {
+                                error!(
+                                    %policy,
+                                    "maxmemory-policy {policy} lets Redis evict buffered requests under memory pressure; \
+                                     use noeviction (a full Redis then refuses new entries with 503, and loses none)"
+                                );
+                            }
+                        }
                         break;
                     }
                     Check::Unreachable(e) => {
@@ -468,6 +481,8 @@ struct TargetTask {
     heartbeat_dirty: bool,
     queue_dirty: bool,
     queue_type_warned: bool,
+    /// Heartbeat keys already reported as being of the wrong type.
+    wrong_type_warned: BTreeSet<String>,
     /// The verdict of the last heartbeat read.
     last: Assessment,
     metrics: crate::metrics::ViewMetrics,
@@ -756,6 +771,13 @@ impl TargetTask {
             };
         let read_at = std::time::Instant::now();
         let readings = probe::parse_reply(&reply, self.keys.len());
+        for (key, reading) in self.keys.iter().zip(&readings) {
+            if let Some(kind) = &reading.wrong_type {
+                if self.wrong_type_warned.insert(key.clone()) {
+                    warn!(%key, %kind, "heartbeat key is a {kind}, not a string or hash: the target counts as down");
+                }
+            }
+        }
         if matches!(self.subscription, Subscription::Pattern(_)) {
             // Forget instances whose key is gone; events re-add them.
             let gone: Vec<String> = self
