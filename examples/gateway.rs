@@ -24,21 +24,33 @@
 //! `--heartbeat-key` names the buffer after the key
 //! ([`common::target_name_for_key`]),
 //! so replicas started with the same flags share one buffer.
+//!
+//! `--metrics-listen ADDR` (e.g. `127.0.0.1:9464`; port 0 picks a free one)
+//! serves the crate's metrics ([`tower_heartbeat_buffer::metrics`]:
+//! `thb_forwarded_total`, `thb_buffered_total`, `thb_target_up`,
+//! `thb_queue_depth`, ...) in the Prometheus text format at `GET /metrics`
+//! on a second, separate listener, stopped with the gateway. Without the
+//! flag no recorder is installed and recording metrics is a no-op.
+//!
 //! `--redis` defaults to `$REDIS_URL`; logs follow `$RUST_LOG` (default
-//! `info`) on stderr. Stdout gets two lines, `buffer target: <name> ...` and
-//! `gateway listening on <addr>`. SIGINT or SIGTERM stop it gracefully: it
-//! stops accepting, lets in-flight calls and replays finish (the replayer
-//! acknowledges what it delivered and gives up its lease), and exits 0.
+//! `info`) on stderr. Stdout gets `buffer target: <name> ...`, then
+//! `metrics listening on <addr>` (with `--metrics-listen` only), then
+//! `gateway listening on <addr>` once both are bound. SIGINT or SIGTERM stop
+//! it gracefully: it stops accepting, lets in-flight calls and replays finish
+//! (the replayer acknowledges what it delivered and gives up its lease),
+//! stops the metrics listener, and exits 0.
 
 #[path = "common/mod.rs"]
 mod common;
 
 use std::error::Error;
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
+use axum::routing::get;
 use axum::Router;
 use clap::{ArgGroup, Parser};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -46,6 +58,9 @@ use http::uri::{Authority, Scheme};
 use http::{StatusCode, Uri};
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
 use tower::timeout::Timeout;
 use tower::ServiceExt;
 use tower_heartbeat_buffer::replay::ReplayConfig;
@@ -91,6 +106,9 @@ struct Args {
     /// Only fill the buffer; leave replaying it to another process (e.g. the `drain` example).
     #[arg(long)]
     no_replay: bool,
+    /// Also serve Prometheus metrics at `GET /metrics` on this address (port 0 picks a free port).
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<SocketAddr>,
 }
 
 fn parse_target(value: &str) -> Result<Uri, String> {
@@ -129,6 +147,13 @@ async fn main() -> Result<(), Box<dyn Error>> {
         target.heartbeat_key(),
         target.queue_key()
     );
+
+    // The recorder goes first: the watcher, the layer and the replayer
+    // register their metrics when they are built.
+    let prometheus = match args.metrics_listen {
+        Some(addr) => Some((addr, install_prometheus_recorder()?)),
+        None => None,
+    };
 
     // The first read of the heartbeat happens in `build`, before we listen.
     let watcher = Watcher::connect(redis::Client::open(args.redis.as_str())?).await?;
@@ -176,6 +201,10 @@ async fn main() -> Result<(), Box<dyn Error>> {
         .layer(TraceLayer::new_for_http());
 
     let shutdown = common::shutdown_signal()?; // installed before anyone can see us ready
+    let metrics_server = match prometheus {
+        Some((addr, handle)) => Some(serve_metrics(addr, handle).await?),
+        None => None,
+    };
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
     println!("gateway listening on {}", listener.local_addr()?);
     let served = axum::serve(listener, app)
@@ -188,9 +217,100 @@ async fn main() -> Result<(), Box<dyn Error>> {
         replayer.shutdown().await;
         info!("replayer stopped");
     }
+    // Metrics stay scrapable until the replayer has stopped.
+    if let Some(metrics_server) = metrics_server {
+        metrics_server.stop().await;
+    }
     served?;
     info!("stopped");
     Ok(())
+}
+
+/// Installs a Prometheus recorder as the global `metrics` recorder; the
+/// handle renders what it holds.
+fn install_prometheus_recorder() -> Result<PrometheusHandle, Box<dyn Error>> {
+    let recorder = PrometheusBuilder::new().build_recorder();
+    let handle = recorder.handle();
+    metrics::set_global_recorder(recorder)?;
+    Ok(handle)
+}
+
+/// How long the metrics listener may take to stop.
+const METRICS_GRACE: Duration = Duration::from_secs(5);
+
+/// The `--metrics-listen` server, running.
+struct MetricsServer {
+    stop: oneshot::Sender<()>,
+    task: JoinHandle<()>,
+}
+
+impl MetricsServer {
+    /// Stops accepting and lets a scrape in progress finish, for at most
+    /// [`METRICS_GRACE`]: a stuck scraper does not hold the exit.
+    async fn stop(mut self) {
+        let _ = self.stop.send(());
+        match tokio::time::timeout(METRICS_GRACE, &mut self.task).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => warn!(error = %e, "metrics server task failed"),
+            Err(_) => {
+                warn!("metrics connections still open after {METRICS_GRACE:?}: closed");
+                self.task.abort();
+            }
+        }
+    }
+}
+
+/// Binds `addr`, prints `metrics listening on <addr>`, and serves
+/// `GET /metrics` (Prometheus text format) until stopped.
+async fn serve_metrics(
+    addr: SocketAddr,
+    handle: PrometheusHandle,
+) -> Result<MetricsServer, Box<dyn Error>> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let bound = listener.local_addr()?;
+    println!("metrics listening on {bound}");
+    info!(addr = %bound, "serving metrics at /metrics");
+
+    // Without the exporter's own listener nobody runs its upkeep (which
+    // keeps histograms from growing without bound): do it here.
+    let upkeep = handle.clone();
+    let upkeep_task = tokio::spawn(async move {
+        let mut every = tokio::time::interval(Duration::from_secs(5));
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            every.tick().await;
+            upkeep.run_upkeep();
+        }
+    });
+
+    let app = Router::new().route(
+        "/metrics",
+        get(move || {
+            let handle = handle.clone();
+            async move {
+                (
+                    [(
+                        header::CONTENT_TYPE,
+                        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+                    )],
+                    handle.render(),
+                )
+            }
+        }),
+    );
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        let served = axum::serve(listener, app)
+            .with_graceful_shutdown(async {
+                let _ = stopped.await;
+            })
+            .await;
+        upkeep_task.abort();
+        if let Err(e) = served {
+            warn!(error = %e, "metrics server failed");
+        }
+    });
+    Ok(MetricsServer { stop, task })
 }
 
 /// Forwards one request to the target through the layer.

@@ -97,6 +97,8 @@ fn json_string_after(line: &str, marker: &str) -> Option<String> {
 struct Gateway {
     child: Child,
     addr: SocketAddr,
+    /// From the `metrics listening on <addr>` line (`--metrics-listen` only).
+    metrics_addr: Option<SocketAddr>,
     /// The name from the `buffer target: <name> ...` line.
     target_name: String,
     stderr: Arc<Mutex<String>>,
@@ -146,6 +148,7 @@ impl Gateway {
         let mut gateway = Gateway {
             child,
             addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+            metrics_addr: None,
             target_name: String::new(),
             stderr,
             stderr_reader: Some(stderr_reader),
@@ -157,6 +160,8 @@ impl Gateway {
                 Ok(line) => {
                     if let Some(rest) = line.strip_prefix("buffer target: ") {
                         gateway.target_name = rest.split(' ').next().unwrap().to_owned();
+                    } else if let Some(addr) = line.strip_prefix("metrics listening on ") {
+                        gateway.metrics_addr = Some(addr.parse().expect("metrics address"));
                     } else if let Some(addr) = line.strip_prefix("gateway listening on ") {
                         gateway.addr = addr.parse().expect("listening address");
                         break;
@@ -742,6 +747,118 @@ async fn sigterm_and_sigint_stop_it_cleanly_with_status_0() {
     }
 }
 
+/// One `GET /metrics` from the gateway's metrics listener: the body, after
+/// checking the status and the Prometheus text content type.
+async fn scrape(client: &Client, metrics: SocketAddr) -> String {
+    let answer = send(
+        client,
+        Method::GET,
+        format!("http://{metrics}/metrics"),
+        &[],
+        b"",
+    )
+    .await;
+    assert_eq!(answer.status, StatusCode::OK, "{answer:?}");
+    let content_type = answer.headers["content-type"].to_str().unwrap();
+    assert!(content_type.starts_with("text/plain"), "{content_type}");
+    answer.text()
+}
+
+/// Whether `exposition` has the sample `line` (name, labels and value) as
+/// one whole line.
+fn has_sample(exposition: &str, line: &str) -> bool {
+    exposition.lines().any(|l| l == line)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_listen_serves_prometheus_text_at_slash_metrics() {
+    let redis_server = RedisServer::start();
+    let http = HttpTarget::start().await;
+    redis(&redis_server, &["SET", KEY, "1"]);
+    let mut gateway = Gateway::start(
+        &redis_server,
+        &http,
+        &["--heartbeat-key", KEY, "--metrics-listen", "127.0.0.1:0"],
+    );
+    let metrics = gateway
+        .metrics_addr
+        .expect("a `metrics listening on <addr>` line before `gateway listening on`");
+    assert_ne!(metrics.port(), 0, "the bound port, not the requested one");
+    assert_ne!(metrics, gateway.addr, "a listener of its own");
+    let client = hyper_client();
+    let label = format!("{{target=\"{KEY}\"}}");
+
+    // Registered when the layer was built: every series is there at 0.
+    let text = scrape(&client, metrics).await;
+    assert!(
+        has_sample(&text, &format!("thb_forwarded_total{label} 0")),
+        "{text}"
+    );
+    assert!(
+        has_sample(&text, &format!("thb_target_up{label} 1")),
+        "{text}"
+    );
+
+    // One forwarded call (the heartbeat was read before the gateway listened).
+    let answer = send(&client, Method::POST, gateway.url("/a"), &[], b"1").await;
+    assert!(answer.by_target(), "{answer:?}");
+
+    // The key goes; the gauge says when the gateway has seen it. No probes
+    // through the gateway here: one forwarded while up would count.
+    redis(&redis_server, &["DEL", KEY]);
+    let started = Instant::now();
+    loop {
+        let text = scrape(&client, metrics).await;
+        if has_sample(&text, &format!("thb_target_up{label} 0")) {
+            break;
+        }
+        assert!(
+            started.elapsed() < CHANGE_TIMEOUT,
+            "thb_target_up still not 0 after {CHANGE_TIMEOUT:?}:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    // One buffered call.
+    let answer = send(&client, Method::POST, gateway.url("/b"), &[], b"2").await;
+    assert_eq!(answer.status, StatusCode::ACCEPTED, "{answer:?}");
+
+    let text = scrape(&client, metrics).await;
+    eprintln!("--- /metrics ---\n{text}");
+    for sample in [
+        format!("thb_forwarded_total{label} 1"),
+        format!("thb_buffered_total{label} 1"),
+        format!("thb_diverted_total{label} 0"),
+        format!("thb_target_up{label} 0"),
+    ] {
+        assert!(has_sample(&text, &sample), "no `{sample}` in:\n{text}");
+    }
+    assert!(
+        text.contains("# TYPE thb_target_up gauge"),
+        "thb_target_up missing:\n{text}"
+    );
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with(&format!("thb_queue_depth{label} "))),
+        "thb_queue_depth missing:\n{text}"
+    );
+    assert!(
+        text.contains("# TYPE thb_queue_depth gauge"),
+        "thb_queue_depth missing:\n{text}"
+    );
+    // Only /metrics is served there.
+    let answer = send(&client, Method::GET, format!("http://{metrics}/"), &[], b"").await;
+    assert_eq!(answer.status, StatusCode::NOT_FOUND);
+    assert_eq!(stream(&redis_server, QUEUE).len(), 1);
+    assert_eq!(received(&http).len(), 1);
+
+    // It stops with the gateway.
+    gateway.signal("TERM");
+    let status = gateway.wait_exit(Duration::from_secs(10));
+    let status = status.expect("still running 10 s after SIGTERM");
+    assert!(status.success(), "{status}\n{}", gateway.log());
+}
+
 #[test]
 fn help_documents_every_flag_and_one_heartbeat_source_is_required() {
     let help = Command::new(gateway_bin()).arg("--help").output().unwrap();
@@ -759,6 +876,7 @@ fn help_documents_every_flag_and_one_heartbeat_source_is_required() {
         "--max-queue-len",
         "--relaxed",
         "--no-replay",
+        "--metrics-listen",
     ] {
         assert!(text.contains(flag), "{flag} missing from:\n{text}");
     }
