@@ -288,7 +288,7 @@ fn identify(parts: &mut Parts) -> Option<String> {
         return value
             .to_str()
             .ok()
-            .filter(|id| !id.is_empty())
+            .filter(|id| !id.is_empty() && id.trim_matches([' ', '\t']).len() == id.len())
             .map(str::to_owned);
     }
     let id = crate::id::new_id();

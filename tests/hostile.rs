@@ -485,9 +485,6 @@ async fn malformed_http_to_a_gateway_is_refused_and_the_layer_stays_up() {
 /// same empty key for both (a deduplicating target drops the second), and
 /// `" k "` arrives as `"k"`, not the id the caller was given.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: `identify` (src/service.rs) accepts keys with leading/trailing whitespace; \
-            the wire strips it (\" \" and \"\\t\" both reach the target as \"\"); \
-            fix: refuse them with InvalidIdempotencyKey"]
 async fn an_idempotency_key_the_wire_would_change_is_refused() {
     init_tracing();
     let rig = Rig::start().await;
@@ -788,10 +785,6 @@ async fn enormous_entries_do_not_wedge_the_drain() {
 /// be dead-lettered like any other poison entry, and the valid entries
 /// around it delivered in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: the DEAD_LETTER script's `unpack(fields)` fails past ~8 000 values (`too many \
-            results to unpack`), so the entry is never dead-lettered and stays stranded in the \
-            pending list while later entries go on; fix: dead-letter with a MULTI of native \
-            XADD/XACK/XDEL (src/replay/store.rs), and retry failed dead-letters in place"]
 async fn an_entry_with_thousands_of_fields_is_dead_lettered() {
     init_tracing();
     let rig = Rig::start().await;
@@ -833,10 +826,6 @@ async fn an_entry_with_thousands_of_fields_is_dead_lettered() {
 /// delivered before it is settled; nothing may stay stranded in the pending
 /// list.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: a failed dead-letter is skipped in strict order (drain_batch's `None => {}`) and \
-            never judged again (the pending list is not re-read), so the next entry overtakes it \
-            and it stays stranded; fix: retry the dead-letter with backoff in deliver_entry, and \
-            re-read the pending list after any failed read (src/replay/worker.rs)"]
 async fn a_dead_letter_refused_for_memory_is_retried_in_order_not_skipped() {
     init_tracing();
     let started = Instant::now();
@@ -1564,10 +1553,6 @@ fn is_loading(port: u16) -> bool {
 /// claimed in the replayer's name with nobody waiting for the reply. They
 /// must still be delivered (in order), not stranded in the pending list.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: a buffer read (XREADGROUP >) that times out on the client after Redis ran it strands \
-            its entries in the replayer's pending list (never re-read: `pending` stays false) while \
-            later entries overtake them; fix: set `pending = true` on a failed fetch and read-ahead \
-            in Worker::drain_loop (src/replay/worker.rs)"]
 async fn entries_read_by_a_timed_out_buffer_read_are_not_stranded() {
     init_tracing();
     let started = Instant::now();

@@ -602,3 +602,28 @@ async fn relaxed_replicas_do_not_resend_answered_entries_while_one_is_retried() 
     a.shutdown().await;
     b.shutdown().await;
 }
+
+/// Lua cannot unpack thousands of values: requeueing such a dead letter
+/// takes the native path, and keeps every field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_with_thousands_of_fields_can_be_requeued() {
+    let redis = RedisServer::start();
+    let target = Target::new("wide").unwrap();
+    let mut conn = redis.conn();
+    let mut fields: Vec<(String, String)> = (0..5000)
+        .map(|i| (format!("f{i}"), format!("v{i}")))
+        .collect();
+    fields.push(("reason".into(), "test".into()));
+    let id: String = conn.xadd(target.dead_letter_key(), "*", &fields).unwrap();
+    let dead = tower_heartbeat_buffer::replay::DeadLetters::new(redis.client(), &target).unwrap();
+    assert!(dead.requeue(&id).await.unwrap());
+    assert!(dead.is_empty().await.unwrap());
+    let back: redis::streams::StreamRangeReply = conn.xrange_all(target.queue_key()).unwrap();
+    assert_eq!(back.ids.len(), 1);
+    assert_eq!(
+        back.ids[0].map.len(),
+        5000,
+        "every field but the dead-letter ones"
+    );
+    assert!(!back.ids[0].map.contains_key("reason"));
+}

@@ -138,11 +138,60 @@ impl DeadLetters {
         let mut invocation = script.key(&self.queue);
         invocation.key(&self.dead).arg(entry_id);
         let mut conn = self.conn.clone();
-        let reply: Value = match timeout(self.timeout, invocation.invoke_async(&mut conn)).await {
-            Ok(r) => r.map_err(|e| RedisError::new("dead letter requeue", e))?,
+        let reply = match timeout(self.timeout, invocation.invoke_async::<Value>(&mut conn)).await {
+            Ok(r) => r,
             Err(_) => return Err(RedisError::timeout("dead letter requeue")),
         };
-        Ok(!matches!(reply, Value::Nil))
+        match reply {
+            Ok(reply) => Ok(!matches!(reply, Value::Nil)),
+            // Lua cannot unpack thousands of fields: move such an entry
+            // with native commands (read, then append and delete in one
+            // MULTI; not atomic with the read, which only matters if the
+            // same dead letter is requeued twice at once).
+            Err(e) if e.to_string().contains("unpack") => self.requeue_natively(entry_id).await,
+            Err(e) => Err(RedisError::new("dead letter requeue", e)),
+        }
+    }
+
+    async fn requeue_natively(&self, entry_id: &str) -> Result<bool, RedisError> {
+        let mut range = redis::cmd("XRANGE");
+        range.arg(&self.dead).arg(entry_id).arg(entry_id);
+        let reply: Value = self.query("dead letter requeue", &range).await?;
+        let Some(letter) = (match &reply {
+            Value::Array(entries) => entries.first(),
+            _ => None,
+        }) else {
+            return Ok(false);
+        };
+        let Value::Array(pair) = letter else {
+            return Ok(false);
+        };
+        let Some(Value::Array(flat)) = pair.get(1) else {
+            return Ok(false);
+        };
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        let xadd = pipe.cmd("XADD").arg(&self.queue).arg("*");
+        let mut any = false;
+        for kv in flat.chunks(2) {
+            let name = bytes(&kv[0]);
+            if matches!(name.as_slice(), b"reason" | b"dead_at" | b"source_id") {
+                continue;
+            }
+            xadd.arg(name).arg(kv.get(1).map(bytes).unwrap_or_default());
+            any = true;
+        }
+        if !any {
+            xadd.arg("v").arg("");
+        }
+        pipe.ignore();
+        pipe.cmd("XDEL").arg(&self.dead).arg(entry_id).ignore();
+        let mut conn = self.conn.clone();
+        match timeout(self.timeout, pipe.exec_async(&mut conn)).await {
+            Ok(r) => r.map_err(|e| RedisError::new("dead letter requeue", e))?,
+            Err(_) => return Err(RedisError::timeout("dead letter requeue")),
+        }
+        Ok(true)
     }
 
     /// Deletes one dead letter. Returns `false` if there was none.

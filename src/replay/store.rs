@@ -15,24 +15,6 @@ use crate::target::Target;
 /// The consumer group every replayer of a target joins.
 pub const GROUP: &str = "thb";
 
-/// Moves one entry to the dead letters, with its reason, in one step.
-/// KEYS[1] = queue, KEYS[2] = dead; ARGV = group, entry id, reason, dead_at,
-/// then the entry's field/value pairs.
-const DEAD_LETTER: &str = r#"
-local fields = {}
-for i = 5, #ARGV do fields[#fields + 1] = ARGV[i] end
-fields[#fields + 1] = 'reason'
-fields[#fields + 1] = ARGV[3]
-fields[#fields + 1] = 'dead_at'
-fields[#fields + 1] = ARGV[4]
-fields[#fields + 1] = 'source_id'
-fields[#fields + 1] = ARGV[2]
-local id = redis.call('XADD', KEYS[2], '*', unpack(fields))
-redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
-redis.call('XDEL', KEYS[1], ARGV[2])
-return id
-"#;
-
 /// Takes or renews the lease: ours if free or already ours.
 /// KEYS[1] = lease; ARGV = holder, ttl (ms). Returns 1 when held.
 const LEASE: &str = r#"
@@ -82,7 +64,6 @@ pub(crate) struct Store {
     lease: String,
     done_prefix: String,
     timeout: Duration,
-    dead_letter: Script,
     lease_script: Script,
     release: Script,
 }
@@ -100,7 +81,6 @@ impl Store {
             lease: target.lease_key(),
             done_prefix: target.done_key(""),
             timeout: command_timeout,
-            dead_letter: Script::new(DEAD_LETTER),
             lease_script: Script::new(LEASE),
             release: Script::new(RELEASE),
         }
@@ -371,26 +351,42 @@ impl Store {
         }
     }
 
-    /// Moves an entry to the dead letters with `reason`.
+    /// Moves an entry to the dead letters with `reason`: one `MULTI` of
+    /// native commands (a script would have to `unpack` every field, which
+    /// Lua limits to about 8 000 values).
     pub(crate) async fn dead_letter(
         &self,
         entry: &RawEntry,
         reason: &str,
         dead_at_ms: u64,
     ) -> Result<(), RedisError> {
-        let mut invocation = self.dead_letter.key(&self.queue);
-        invocation
-            .key(&self.dead)
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        let xadd = pipe.cmd("XADD").arg(&self.dead).arg("*");
+        for (name, value) in entry.fields.iter().flatten() {
+            xadd.arg(name.as_slice()).arg(value.as_slice());
+        }
+        xadd.arg("reason")
+            .arg(reason)
+            .arg("dead_at")
+            .arg(dead_at_ms)
+            .arg("source_id")
+            .arg(&entry.entry_id);
+        pipe.ignore();
+        pipe.cmd("XACK")
+            .arg(&self.queue)
             .arg(GROUP)
             .arg(&entry.entry_id)
-            .arg(reason)
-            .arg(dead_at_ms);
-        for (name, value) in entry.fields.iter().flatten() {
-            invocation.arg(name.as_slice()).arg(value.as_slice());
+            .ignore();
+        pipe.cmd("XDEL")
+            .arg(&self.queue)
+            .arg(&entry.entry_id)
+            .ignore();
+        let mut conn = self.conn.clone();
+        match timeout(self.timeout, pipe.exec_async(&mut conn)).await {
+            Ok(r) => r.map_err(fail("dead-letter")),
+            Err(_) => Err(RedisError::timeout("dead-letter")),
         }
-        self.invoke::<Value>("dead-letter", &invocation)
-            .await
-            .map(drop)
     }
 
     /// Takes or renews the drain lease for `holder`.

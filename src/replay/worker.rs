@@ -239,6 +239,9 @@ where
                 Ok(batch) => batch,
                 Err(e) => {
                     debug!(error = %e, "cannot read the buffer");
+                    // Redis may have handed entries over before the reply
+                    // was lost: read our pending list first next time.
+                    pending = true;
                     if !self.nap(retry.next()).await {
                         break;
                     }
@@ -268,7 +271,10 @@ where
             }
             match next {
                 Some(Ok(next)) if !next.is_empty() => ahead = Some(next),
-                Some(Err(e)) => debug!(error = %e, "cannot read ahead"),
+                Some(Err(e)) => {
+                    debug!(error = %e, "cannot read ahead");
+                    pending = true;
+                }
                 _ => {}
             }
         }
@@ -710,15 +716,28 @@ where
     }
 
     async fn dead_letter(&self, entry: &RawEntry, id: &str, reason: String) {
-        match self.store.dead_letter(entry, &reason, unix_ms()).await {
-            Ok(()) => {
-                self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
-                self.metrics.dead_lettered.increment(1);
-                warn!(id = %id, entry = %entry.entry_id, %reason, "dead-lettered");
-                self.emit(entry, id, ReplayEventKind::DeadLettered { reason });
+        // Retried here, in place: skipping it would let the next entry
+        // overtake it, and nothing would read it again.
+        let mut delay = RetryDelay::new(self.config.backoff_base, self.config.backoff_max);
+        loop {
+            match self.store.dead_letter(entry, &reason, unix_ms()).await {
+                Ok(()) => {
+                    self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                    self.metrics.dead_lettered.increment(1);
+                    warn!(id = %id, entry = %entry.entry_id, %reason, "dead-lettered");
+                    self.emit(entry, id, ReplayEventKind::DeadLettered { reason });
+                    return;
+                }
+                Err(e) => {
+                    let cause = std::error::Error::source(&e).map(|s| s.to_string());
+                    warn!(id = %id, error = %e, cause = ?cause, "cannot dead-letter; will retry");
+                }
             }
-            // It stays pending and is judged again on the next read.
-            Err(e) => warn!(id = %id, error = %e, "cannot dead-letter; will retry"),
+            self.renew_if_due().await;
+            if !self.still_leader() || !self.nap(delay.next()).await {
+                // Stays pending for whoever drains next.
+                return;
+            }
         }
     }
 
