@@ -62,6 +62,11 @@ impl InvalidName {
     pub fn value(&self) -> &str {
         &self.value
     }
+
+    /// Why it was refused.
+    pub fn reason(&self) -> &str {
+        self.reason
+    }
 }
 
 impl fmt::Display for InvalidName {

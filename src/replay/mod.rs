@@ -114,6 +114,12 @@ pub struct ReplayConfig {
     /// Entries older than this are dead-lettered rather than delivered.
     /// Default 24 h.
     pub max_age: Option<Duration>,
+    /// Entries larger than this (all fields together) are dead-lettered
+    /// rather than delivered: the layer never writes one (its
+    /// `max_body_bytes` is 1 MiB by default), so it was written by hand or
+    /// by another program, and a batch of them would all sit in memory.
+    /// Default 16 MiB; keep it above the layer's `max_body_bytes`.
+    pub max_entry_bytes: usize,
     /// First retry delay; doubles (with jitter) up to `backoff_max`.
     /// Default 100 ms.
     pub backoff_base: Duration,
@@ -148,6 +154,7 @@ impl Default for ReplayConfig {
             slow_start: Duration::from_secs(2),
             max_attempts: 10,
             max_age: Some(Duration::from_secs(24 * 3600)),
+            max_entry_bytes: 16 * 1024 * 1024,
             backoff_base: Duration::from_millis(100),
             backoff_max: Duration::from_secs(30),
             lease_ttl: Duration::from_secs(10),

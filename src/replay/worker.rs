@@ -602,6 +602,16 @@ where
                 skipped: false,
             });
         };
+        let size: usize = fields.iter().map(|(k, v)| k.len() + v.len()).sum();
+        if size > self.config.max_entry_bytes {
+            let reason = format!(
+                "entry of {size} bytes exceeds max_entry_bytes ({})",
+                self.config.max_entry_bytes
+            );
+            self.dead_letter(&entry, entry.request_id().unwrap_or(""), reason)
+                .await;
+            return None;
+        }
         let envelope =
             match Envelope::from_fields(fields.iter().map(|(k, v)| (k.as_slice(), v.as_slice()))) {
                 Ok(envelope) => envelope,
