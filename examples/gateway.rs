@@ -106,6 +106,13 @@ struct Args {
     /// Only fill the buffer; leave replaying it to another process (e.g. the `drain` example).
     #[arg(long)]
     no_replay: bool,
+    /// Strict order: how long the drain lease lives without renewal, so how fast another
+    /// replica takes over from a dead one.
+    #[arg(long, value_name = "MS", default_value_t = 10_000)]
+    lease_ttl_ms: u64,
+    /// Relaxed order: how long an entry may stay claimed by a silent replica before another takes it.
+    #[arg(long, value_name = "MS", default_value_t = 30_000)]
+    visibility_ms: u64,
     /// Also serve Prometheus metrics at `GET /metrics` on this address (port 0 picks a free port).
     #[arg(long, value_name = "ADDR")]
     metrics_listen: Option<SocketAddr>,
@@ -182,6 +189,8 @@ async fn main() -> Result<(), Box<dyn Error>> {
     let replayer = (!args.no_replay).then(|| {
         let mut config = ReplayConfig::default();
         config.order = order;
+        config.lease_ttl = Duration::from_millis(args.lease_ttl_ms.max(100));
+        config.visibility_timeout = Duration::from_millis(args.visibility_ms.max(100));
         let timeout = match order {
             DeliveryOrder::Relaxed => config.visibility_timeout / 2,
             _ => config.lease_ttl / 2,

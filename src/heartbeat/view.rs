@@ -107,6 +107,7 @@ impl TargetView {
 
     /// Records the queue length that an enqueue by this process returned.
     pub(crate) fn note_backlog(&self, len: u64) {
+        self.state.backlog_epoch.fetch_add(1, Ordering::AcqRel);
         self.state.set_backlog(len);
     }
 
@@ -165,6 +166,8 @@ pub(crate) struct ViewState {
     up_generation: AtomicU64,
     changes: watch::Sender<Health>,
     backlog_grew: tokio::sync::Notify,
+    /// Counts this process's own writes to the buffer (see `set_backlog_read`).
+    backlog_epoch: AtomicU64,
 }
 
 const UNKNOWN_BACKLOG: u64 = u64::MAX;
@@ -178,6 +181,7 @@ impl ViewState {
             backlog: AtomicU64::new(UNKNOWN_BACKLOG),
             up_generation: AtomicU64::new(0),
             backlog_grew: tokio::sync::Notify::new(),
+            backlog_epoch: AtomicU64::new(0),
             changes: watch::Sender::new(Health::Unknown),
         }
     }
@@ -204,6 +208,20 @@ impl ViewState {
             UNKNOWN_BACKLOG => None,
             n => Some(n),
         }
+    }
+
+    pub(crate) fn backlog_epoch(&self) -> u64 {
+        self.backlog_epoch.load(Ordering::Acquire)
+    }
+
+    /// Stores a length read from Redis by a read that started at `epoch`:
+    /// if this process wrote to the buffer meanwhile, the reading may predate
+    /// that write, so it may raise the value but not lower it.
+    pub(crate) fn set_backlog_read(&self, len: u64, epoch: u64) {
+        if self.backlog_epoch() != epoch && self.backlog().is_some_and(|current| len < current) {
+            return;
+        }
+        self.set_backlog(len);
     }
 
     pub(crate) fn set_backlog(&self, len: u64) {

@@ -645,7 +645,12 @@ impl TargetTask {
         if self.queue_dirty {
             self.read_backlog().await?;
             self.last_backlog_read = Instant::now();
-            self.follow_queue_while_empty().await;
+            if self.follow_queue_while_empty().await {
+                // An append between the read and the subscription would
+                // have gone unnotified: read once more, now that any later
+                // append is notified.
+                self.read_backlog().await?;
+            }
         }
         if !self.heartbeat_dirty && !discover {
             return Ok(self.last);
@@ -674,6 +679,9 @@ impl TargetTask {
 
     /// Reads the queue's length for strict ordering.
     async fn read_backlog(&mut self) -> Result<(), RedisError> {
+        // A write of this process may land while the read is under way: its
+        // length must not be overwritten by an older, smaller reading.
+        let epoch = self.state.backlog_epoch();
         // The length, and the oldest entry's id (whose first part is the
         // millisecond it was added) for the age gauge.
         let mut pipe = redis::pipe();
@@ -687,7 +695,7 @@ impl TargetTask {
         let read = pipe.query_async::<(u64, Value)>(&mut self.conn);
         match timeout(self.read_timeout, read).await {
             Ok(Ok((len, oldest))) => {
-                self.state.set_backlog(len);
+                self.state.set_backlog_read(len, epoch);
                 self.metrics.queue_depth.set(len as f64);
                 let age = oldest_entry_ms(&oldest)
                     .map(|ms| crate::envelope::unix_ms().saturating_sub(ms) as f64 / 1000.0)
@@ -735,10 +743,12 @@ impl TargetTask {
     /// append would be an event to parse for nothing — at buffering rates
     /// that cost a third of the throughput — so the channel is left and the
     /// length is polled every [`BACKLOG_POLL`] until it reaches zero.
-    async fn follow_queue_while_empty(&mut self) {
+    ///
+    /// Returns whether it has just subscribed.
+    async fn follow_queue_while_empty(&mut self) -> bool {
         let want = self.state.backlog().is_none_or(|n| n == 0);
         if want == self.queue_subscribed {
-            return;
+            return false;
         }
         let mut conn = self.conn.clone();
         let change = async {
@@ -751,7 +761,9 @@ impl TargetTask {
         // On failure nothing changes: the next read tries again.
         if let Ok(Ok(())) = timeout(self.read_timeout, change).await {
             self.queue_subscribed = want;
+            return want;
         }
+        false
     }
 
     /// Reads every known key in one round trip.
