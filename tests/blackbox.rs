@@ -28,56 +28,11 @@ const RUN_TIMEOUT: Duration = Duration::from_secs(60);
 /// After SIGTERM, how long the script gets to stop its children.
 const CLEANUP_GRACE: Duration = Duration::from_secs(10);
 
-/// `cargo build --example gateway`, and the path of the executable cargo
-/// reports (the same technique as `tests/gateway.rs`, whose doc explains
-/// why).
-fn gateway_bin() -> PathBuf {
-    let started = Instant::now();
-    let mut cargo = Command::new(env!("CARGO"));
-    cargo
-        .args(["build", "--quiet", "--example", "gateway"])
-        .arg("--message-format=json-render-diagnostics")
-        .arg("--manifest-path")
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml"))
-        .stdin(Stdio::null());
-    if !cfg!(debug_assertions) {
-        cargo.arg("--release");
-    }
-    let output = cargo.output().expect("cannot run cargo");
-    assert!(
-        output.status.success(),
-        "cargo build --example gateway failed:\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let path = stdout
-        .lines()
-        .filter(|line| {
-            line.contains(r#""reason":"compiler-artifact""#)
-                && line.contains(r#""kind":["example"]"#)
-                && line.contains(r#""name":"gateway""#)
-        })
-        .find_map(|line| json_string_after(line, r#""executable":""#))
-        .unwrap_or_else(|| panic!("no executable for the gateway example in:\n{stdout}"));
-    eprintln!("gateway example built in {:?}", started.elapsed());
-    PathBuf::from(path)
-}
-
-/// The JSON string that starts right after `marker`, unescaped.
-fn json_string_after(line: &str, marker: &str) -> Option<String> {
-    let rest = &line[line.find(marker)? + marker.len()..];
-    let mut out = String::new();
-    let mut chars = rest.chars();
-    loop {
-        match chars.next()? {
-            '"' => return Some(out),
-            '\\' => out.push(chars.next()?),
-            c => out.push(c),
-        }
-    }
-}
-
 /// The first file named `name` in `$PATH`.
+fn gateway_bin() -> PathBuf {
+    support::example_binary("gateway").to_path_buf()
+}
+
 fn on_path(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
     std::env::split_paths(&path)

@@ -11,16 +11,16 @@
 //! `CHAOS_SEED=<seed> cargo test --test chaos -- --nocapture`, or at full
 //! size with `cargo run --release --example chaos -- --seed <seed>`.
 //!
-//! Both examples are built the way `tests/gateway.rs` builds the gateway:
-//! one `$CARGO build --example chaos --example gateway
-//! --message-format=json-render-diagnostics` (with this test's profile and
-//! features), taking the `executable` path cargo reports for each.
+//! Both examples are built by `support::example_binary` (with this test's
+//! profile and features, at the path cargo reports).
 #![cfg(unix)]
+
+mod support;
 
 use std::collections::HashMap;
 use std::io::Read;
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -33,75 +33,10 @@ const RUN_LIMIT: Duration = Duration::from_secs(150);
 
 /// The executables of the `chaos` and `gateway` examples.
 fn examples() -> HashMap<String, PathBuf> {
-    let started = Instant::now();
-    let mut cargo = Command::new(env!("CARGO"));
-    cargo
-        .args([
-            "build",
-            "--quiet",
-            "--example",
-            "chaos",
-            "--example",
-            "gateway",
-        ])
-        .arg("--message-format=json-render-diagnostics")
-        .arg("--manifest-path")
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml"))
-        .stdin(Stdio::null());
-    if !cfg!(debug_assertions) {
-        cargo.arg("--release");
-    }
-    // The features this test was built with, so that cargo reuses the
-    // library it just built rather than building another one.
-    let features: Vec<&str> = [
-        ("tls", cfg!(feature = "tls")),
-        ("cli", cfg!(feature = "cli")),
-    ]
-    .into_iter()
-    .filter_map(|(name, on)| on.then_some(name))
-    .collect();
-    if !features.is_empty() {
-        cargo.arg("--features").arg(features.join(","));
-    }
-    let output = cargo.output().expect("cannot run cargo");
-    assert!(
-        output.status.success(),
-        "cargo build of the examples failed:\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let bins: HashMap<String, PathBuf> = stdout
-        .lines()
-        .filter(|line| {
-            line.contains(r#""reason":"compiler-artifact""#)
-                && line.contains(r#""kind":["example"]"#)
-        })
-        .filter_map(|line| {
-            let name = json_string_after(line, r#""name":""#)?;
-            let path = json_string_after(line, r#""executable":""#)?;
-            Some((name, PathBuf::from(path)))
-        })
-        .collect();
-    assert!(
-        bins.contains_key("chaos") && bins.contains_key("gateway"),
-        "no executables in:\n{stdout}"
-    );
-    eprintln!("examples built in {:?}", started.elapsed());
-    bins
-}
-
-/// The JSON string that starts right after `marker`, unescaped.
-fn json_string_after(line: &str, marker: &str) -> Option<String> {
-    let rest = &line[line.find(marker)? + marker.len()..];
-    let mut out = String::new();
-    let mut chars = rest.chars();
-    loop {
-        match chars.next()? {
-            '"' => return Some(out),
-            '\\' => out.push(chars.next()?),
-            c => out.push(c),
-        }
-    }
+    ["chaos", "gateway"]
+        .into_iter()
+        .map(|name| (name.to_owned(), support::example_binary(name).to_path_buf()))
+        .collect()
 }
 
 /// The fields of the summary line: each `key=value` word, and each

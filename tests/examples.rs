@@ -13,21 +13,13 @@ mod support;
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, ExitStatus, Stdio};
-use std::sync::{mpsc, Arc, Mutex, OnceLock};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use support::{RedisOptions, RedisServer};
 
-/// The examples this file runs.
-const EXAMPLES: [&str; 5] = [
-    "demo",
-    "heartbeat",
-    "hyper_client",
-    "reqwest_client",
-    "axum_router",
-];
 /// Longest run of the demo (it promises under 30 s).
 const DEMO_LIMIT: Duration = Duration::from_secs(40);
 /// Longest run of a wiring example, or wait for the heartbeat's line.
@@ -39,60 +31,7 @@ const EXIT_LIMIT: Duration = Duration::from_secs(10);
 
 /// The executable of example `name`, built (with all the others) on first use.
 fn example(name: &str) -> &'static Path {
-    static BINS: OnceLock<HashMap<String, PathBuf>> = OnceLock::new();
-    let bins = BINS.get_or_init(|| {
-        let started = Instant::now();
-        let mut cargo = Command::new(env!("CARGO"));
-        cargo.args(["build", "--quiet"]);
-        for name in EXAMPLES {
-            cargo.args(["--example", name]);
-        }
-        cargo
-            .arg("--message-format=json-render-diagnostics")
-            .arg("--manifest-path")
-            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml"))
-            .stdin(Stdio::null());
-        if !cfg!(debug_assertions) {
-            cargo.arg("--release");
-        }
-        let output = cargo.output().expect("cannot run cargo");
-        assert!(
-            output.status.success(),
-            "cargo build of the examples failed:\n{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        let stdout = String::from_utf8_lossy(&output.stdout);
-        let bins: HashMap<String, PathBuf> = stdout
-            .lines()
-            .filter(|line| {
-                line.contains(r#""reason":"compiler-artifact""#)
-                    && line.contains(r#""kind":["example"]"#)
-            })
-            .filter_map(|line| {
-                let name = json_string_after(line, r#""name":""#)?;
-                let path = json_string_after(line, r#""executable":""#)?;
-                Some((name, PathBuf::from(path)))
-            })
-            .collect();
-        eprintln!("examples built in {:?}", started.elapsed());
-        bins
-    });
-    bins.get(name)
-        .unwrap_or_else(|| panic!("cargo reported no executable for the {name} example"))
-}
-
-/// The JSON string that starts right after `marker`, unescaped.
-fn json_string_after(line: &str, marker: &str) -> Option<String> {
-    let rest = &line[line.find(marker)? + marker.len()..];
-    let mut out = String::new();
-    let mut chars = rest.chars();
-    loop {
-        match chars.next()? {
-            '"' => return Some(out),
-            '\\' => out.push(chars.next()?),
-            c => out.push(c),
-        }
-    }
+    support::example_binary(name)
 }
 
 /// One running example. Killed (and its output shown, if the test is

@@ -20,9 +20,9 @@ mod support;
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{mpsc, Arc, Mutex, OnceLock};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -44,52 +44,7 @@ type Client = HyperClient<Full<Bytes>>;
 // ---------------------------------------------------------------- harness
 
 fn gateway_bin() -> &'static Path {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let started = Instant::now();
-        let mut cargo = Command::new(env!("CARGO"));
-        cargo
-            .args(["build", "--quiet", "--example", "gateway"])
-            .arg("--message-format=json-render-diagnostics")
-            .arg("--manifest-path")
-            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml"))
-            .stdin(Stdio::null());
-        if !cfg!(debug_assertions) {
-            cargo.arg("--release");
-        }
-        let output = cargo.output().expect("cannot run cargo");
-        assert!(
-            output.status.success(),
-            "cargo build --example gateway failed:\n{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        let stdout = String::from_utf8_lossy(&output.stdout);
-        let path = stdout
-            .lines()
-            .filter(|line| {
-                line.contains(r#""reason":"compiler-artifact""#)
-                    && line.contains(r#""kind":["example"]"#)
-                    && line.contains(r#""name":"gateway""#)
-            })
-            .find_map(|line| json_string_after(line, r#""executable":""#))
-            .unwrap_or_else(|| panic!("no executable for the gateway example in:\n{stdout}"));
-        eprintln!("gateway example built in {:?}", started.elapsed());
-        PathBuf::from(path)
-    })
-}
-
-/// The JSON string that starts right after `marker`, unescaped.
-fn json_string_after(line: &str, marker: &str) -> Option<String> {
-    let rest = &line[line.find(marker)? + marker.len()..];
-    let mut out = String::new();
-    let mut chars = rest.chars();
-    loop {
-        match chars.next()? {
-            '"' => return Some(out),
-            '\\' => out.push(chars.next()?),
-            c => out.push(c),
-        }
-    }
+    support::example_binary("gateway")
 }
 
 /// One running gateway process; killed (and its log shown, if the test is

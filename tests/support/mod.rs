@@ -33,8 +33,10 @@ mod redis_server;
 pub use options::RedisOptions;
 pub use redis_server::RedisServer;
 
+mod examples;
 mod http_target;
 pub mod layer_rig;
+pub use examples::example_binary;
 pub use http_target::*;
 
 use std::path::PathBuf;
