@@ -150,6 +150,7 @@ pub mod policy;
 mod queue;
 pub mod replay;
 mod service;
+mod sync;
 pub mod target;
 
 pub use body::{BoxError, RequestBody, ResponseBody};

@@ -11,6 +11,7 @@ use tokio::time::timeout;
 use tracing::{debug, info, warn, Instrument};
 
 use crate::error::{InvalidConfig, RedisError};
+use crate::sync::lock;
 use crate::target::{HeartbeatSource, Target};
 
 /// Default heartbeat TTL.
@@ -450,8 +451,4 @@ async fn refresh_loop(
             _ = stop.changed() => return,
         }
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }

@@ -17,6 +17,7 @@ use super::notifications::{self, Check, NotificationMode};
 use super::probe::{self, Assessment};
 use super::view::{Health, TargetView, ViewState};
 use crate::error::RedisError;
+use crate::sync::{lock, read, write};
 use crate::target::{HeartbeatSource, Target};
 
 /// Default time between two reconciliations of a target (a full re-read that
@@ -832,20 +833,6 @@ impl TargetTask {
         }
         Ok(self.keys.len() > before)
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // A panic elsewhere while holding the lock leaves a plain map behind,
-    // still consistent: keep going rather than propagate the poison.
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-fn read<T>(m: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
-    m.read().unwrap_or_else(|p| p.into_inner())
-}
-
-fn write<T>(m: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
-    m.write().unwrap_or_else(|p| p.into_inner())
 }
 
 /// The millisecond part of the first entry id in an `XRANGE` reply.

@@ -21,6 +21,7 @@ use crate::envelope::{unix_ms, Envelope};
 use crate::heartbeat::{Health, TargetView};
 use crate::layer::DeliveryOrder;
 use crate::metrics::ReplayMetrics;
+use crate::sync::lock;
 
 /// Tells the target this request is a replay from the buffer.
 pub const REPLAY_HEADER: HeaderName = HeaderName::from_static("x-heartbeat-replay");
@@ -897,10 +898,6 @@ impl Pacer {
         self.next = at + Duration::from_secs_f64(1.0 / rate);
         Some(at)
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 #[cfg(test)]
