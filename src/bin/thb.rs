@@ -29,9 +29,10 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use redis::aio::MultiplexedConnection;
-use redis::{AsyncConnectionConfig, FromRedisValue, Script, Value};
+use redis::{AsyncConnectionConfig, FromRedisValue, Value};
 use serde_json::{json, Value as Json};
 use tower_heartbeat_buffer::envelope::Envelope;
+use tower_heartbeat_buffer::heartbeat::{read_heartbeat_keys, HeartbeatKeyState};
 use tower_heartbeat_buffer::replay::{DeadLetter, DeadLetters};
 use tower_heartbeat_buffer::{HeartbeatSource, InvalidName, RedisError, Target, DEFAULT_NAMESPACE};
 
@@ -47,32 +48,6 @@ const GROUP: &str = tower_heartbeat_buffer::replay::CONSUMER_GROUP;
 const PREVIEW_BYTES: usize = 60;
 /// Dead letters requeued per round of `dead requeue --all`.
 const REQUEUE_BATCH: usize = 500;
-/// Statuses that mean "alive but do not send me traffic" (as the library
-/// judges heartbeat keys).
-const DOWN_STATUSES: [&str; 2] = ["draining", "down"];
-
-/// Reads, for each key: its type, PTTL (-2 gone, -1 no TTL) and the status
-/// it states (a hash's `status` field, or a short string value). `TYPE`
-/// first, so that a key past its TTL is expired now rather than read.
-const HEARTBEAT_READ: &str = r#"
-local out = {}
-for i, key in ipairs(KEYS) do
-  local kind = redis.call('TYPE', key)['ok']
-  local pttl = -2
-  local status = ''
-  if kind ~= 'none' then
-    pttl = redis.call('PTTL', key)
-    if kind == 'hash' then
-      status = redis.call('HGET', key, 'status') or ''
-    elseif kind == 'string' then
-      status = redis.call('GETRANGE', key, 0, 15)
-    end
-  end
-  out[i] = {kind, pttl, status}
-end
-return out
-"#;
-
 /// The drain lease: `{holder, pttl}`, or nil when there is none. A key of
 /// another type reads as holder `<TYPE>`.
 const LEASE_READ: &str = r#"
@@ -459,14 +434,17 @@ struct Redis {
     conn: MultiplexedConnection,
 }
 
-/// What one heartbeat key said.
+/// What one heartbeat key said, judged by the library (the watcher's own
+/// read script and rules).
 #[derive(Debug)]
-struct HeartbeatKey {
-    key: String,
-    kind: String,
-    /// -2 gone, -1 no TTL.
-    pttl_ms: i64,
-    status: String,
+struct HeartbeatKey(HeartbeatKeyState);
+
+impl std::ops::Deref for HeartbeatKey {
+    type Target = HeartbeatKeyState;
+
+    fn deref(&self) -> &HeartbeatKeyState {
+        &self.0
+    }
 }
 
 impl HeartbeatKey {
@@ -474,9 +452,8 @@ impl HeartbeatKey {
         self.pttl_ms != -2
     }
 
-    /// Alive and not announcing a stop.
     fn serving(&self) -> bool {
-        self.exists() && !DOWN_STATUSES.contains(&self.status.as_str())
+        self.0.serving
     }
 
     fn to_json(&self) -> Json {
@@ -741,45 +718,16 @@ impl Redis {
     ) -> Result<HeartbeatState, Failure> {
         let mut keys = vec![target.heartbeat_key()];
         keys.extend(instances);
-        let script = Script::new(HEARTBEAT_READ);
-        let mut invocation = script.prepare_invoke();
-        for key in &keys {
-            invocation.key(key);
-        }
-        let reply: Value = invocation
-            .invoke_async(&mut self.conn)
+        let keys = read_heartbeat_keys(&mut self.conn, &keys)
             .await
-            .map_err(|e| failed("heartbeat read", &e))?;
-        let readings = match reply {
-            Value::Array(items) => items,
-            _ => Vec::new(),
-        };
-        let keys = keys
+            .map_err(|e| {
+                Failure::Failed(format!(
+                    "redis heartbeat read failed: {}",
+                    one_line(&error_chain(&e))
+                ))
+            })?
             .into_iter()
-            .zip(readings)
-            .map(|(key, reading)| {
-                let parts = match reading {
-                    Value::Array(parts) => parts,
-                    _ => Vec::new(),
-                };
-                let kind = parts.first().map(text).unwrap_or_default();
-                let pttl_ms = match parts.get(1) {
-                    Some(Value::Int(n)) => *n,
-                    _ => -2,
-                };
-                let status = parts
-                    .get(2)
-                    .map(text)
-                    .unwrap_or_default()
-                    .trim()
-                    .to_ascii_lowercase();
-                HeartbeatKey {
-                    key,
-                    kind,
-                    pttl_ms,
-                    status,
-                }
-            })
+            .map(HeartbeatKey)
             .filter(HeartbeatKey::exists)
             .collect();
         Ok(HeartbeatState { keys })
@@ -1000,6 +948,18 @@ fn parse_key(namespace: &str, key: &str) -> Option<(Target, bool)> {
 /// A failed command, as one line.
 fn failed(what: &str, e: &redis::RedisError) -> Failure {
     Failure::Failed(format!("redis {what} failed: {}", redis_reason(e)))
+}
+
+/// An error and its sources, as one string.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
 }
 
 /// A redis-rs error as one readable line.

@@ -37,6 +37,7 @@ mod view;
 mod watcher;
 
 pub use notifications::NotificationMode;
+pub use probe::{read_heartbeat_keys, HeartbeatKeyState};
 pub use publisher::{Heartbeat, HeartbeatBuilder, HeartbeatFormat, Status, DEFAULT_TTL};
 pub use view::{Health, TargetView};
 pub use watcher::{Watcher, WatcherBuilder, DEFAULT_READ_TIMEOUT, DEFAULT_RECONCILE_INTERVAL};

@@ -54,6 +54,8 @@ pub(crate) struct KeyReading {
     /// The key's type when it is neither a string nor a hash (then it is
     /// not a heartbeat and counts as down).
     pub(crate) wrong_type: Option<String>,
+    /// The key's type as Redis names it (`string`, `hash`, `none`...).
+    pub(crate) kind: String,
 }
 
 impl KeyReading {
@@ -62,10 +64,12 @@ impl KeyReading {
             pttl_ms,
             status: status.trim().to_ascii_lowercase(),
             wrong_type: None,
+            kind: String::new(),
         }
     }
 
     fn with_type(mut self, kind: &str) -> Self {
+        self.kind = kind.to_owned();
         if !matches!(kind, "string" | "hash" | "none" | "") {
             self.wrong_type = Some(kind.to_owned());
         }
@@ -123,6 +127,61 @@ pub(crate) fn assess(readings: &[KeyReading], read_at: Instant) -> Assessment {
         deadline,
         serving: serving.len(),
     }
+}
+
+/// One heartbeat key as read now, judged as the [`Watcher`](super::Watcher)
+/// judges it: for tools that show heartbeats (the `thb` admin tool).
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct HeartbeatKeyState {
+    /// The key.
+    pub key: String,
+    /// Its type as Redis names it: `string` or `hash` for a heartbeat,
+    /// `none` when it does not exist; any other type counts as down.
+    pub kind: String,
+    /// Milliseconds to live: -2 when the key does not exist, -1 without TTL.
+    pub pttl_ms: i64,
+    /// The status it states (a hash's `status`, or a short string value),
+    /// trimmed and lowercased; empty when none.
+    pub status: String,
+    /// Whether this key makes its target up.
+    pub serving: bool,
+}
+
+/// Reads `keys` (one round trip, the watcher's own script) and judges each.
+///
+/// In a Redis Cluster the keys must share a slot (a target's own keys do).
+pub async fn read_heartbeat_keys<C: redis::aio::ConnectionLike>(
+    conn: &mut C,
+    keys: &[String],
+) -> Result<Vec<HeartbeatKeyState>, crate::RedisError> {
+    if keys.is_empty() {
+        return Ok(Vec::new());
+    }
+    let script = read_script();
+    let mut invocation = script.prepare_invoke();
+    for key in keys {
+        invocation.key(key);
+    }
+    let reply: redis::Value = invocation
+        .invoke_async(conn)
+        .await
+        .map_err(|e| crate::RedisError::new("heartbeat read", e))?;
+    Ok(keys
+        .iter()
+        .zip(parse_reply(&reply, keys.len()))
+        .map(|(key, reading)| HeartbeatKeyState {
+            key: key.clone(),
+            serving: reading.serving(),
+            kind: if reading.exists() {
+                reading.kind
+            } else {
+                "none".into()
+            },
+            pttl_ms: reading.pttl_ms,
+            status: reading.status,
+        })
+        .collect())
 }
 
 /// Parses the script's reply. Anything unexpected reads as "gone" for that
