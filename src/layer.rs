@@ -14,7 +14,7 @@ use crate::policy::{
     Bufferable, FailureStatuses, IsFailure, NeverStore, OnDown, OnRedisDown, UnsafeMethods,
     WhenDown, WhenRedisDown,
 };
-use crate::queue::Queue;
+use crate::queue::{Queue, Replication};
 use crate::service::HeartbeatBuffer;
 use crate::target::Target;
 
@@ -61,6 +61,7 @@ pub struct HeartbeatBufferBuilder<F = NoFallback> {
     suspect_after: u32,
     probe_interval: Duration,
     redis_timeout: Duration,
+    replication: Option<Replication>,
     fallback: F,
 }
 
@@ -155,6 +156,29 @@ impl<F> HeartbeatBufferBuilder<F> {
         self
     }
 
+    /// Confirms every buffered request on `replicas` replicas before
+    /// answering `202` (`WAIT replicas timeout` after each write; default:
+    /// off).
+    ///
+    /// Redis replicates asynchronously: without this, a primary that dies
+    /// within its replication lag of a `202` (usually well under a
+    /// millisecond, longer when a replica falls behind) loses that request,
+    /// because the replica promoted in its place never received it. With
+    /// it, such a request gets `503`
+    /// ([`UnavailableReason::NotReplicated`](crate::UnavailableReason::NotReplicated))
+    /// instead, and nothing answered `202` is lost to a failover. The entry
+    /// may still be in the buffer and be delivered: a caller that retries
+    /// should send the same `Idempotency-Key`. Each buffered call then
+    /// waits for a replica's acknowledgement (one more replication round
+    /// trip; figures in the README).
+    pub fn wait_for_replicas(mut self, replicas: u32, timeout: Duration) -> Self {
+        self.replication = (replicas > 0).then_some(Replication {
+            replicas,
+            timeout: timeout.max(Duration::from_millis(1)),
+        });
+        self
+    }
+
     /// Where [`WhenDown::Fallback`] sends requests: any service taking the
     /// same requests as the wrapped one (a secondary region, a degraded-mode
     /// handler...). Requests keep their idempotency key.
@@ -165,6 +189,7 @@ impl<F> HeartbeatBufferBuilder<F> {
             suspect_after: self.suspect_after,
             probe_interval: self.probe_interval,
             redis_timeout: self.redis_timeout,
+            replication: self.replication,
             fallback: WithFallback(fallback),
         }
     }
@@ -178,11 +203,12 @@ impl<F> HeartbeatBufferBuilder<F> {
     pub async fn build(self, watcher: &Watcher) -> Result<HeartbeatBufferLayer<F>, RedisError> {
         let view = watcher.watch(&self.target).await;
         let queue = Queue::new(
-            watcher.client(),
+            watcher.backend().data()?,
             &self.target,
             self.config.max_queue_len,
             self.redis_timeout,
-        )?;
+            self.replication,
+        );
         Ok(HeartbeatBufferLayer {
             shared: Arc::new(Shared {
                 view,
@@ -271,6 +297,7 @@ impl HeartbeatBufferLayer {
             suspect_after: 3,
             probe_interval: Duration::from_secs(1),
             redis_timeout: Duration::from_millis(500),
+            replication: None,
             fallback: NoFallback,
         }
     }

@@ -136,6 +136,7 @@
 #![deny(missing_docs)]
 #![warn(missing_debug_implementations, rust_2018_idioms, unreachable_pub)]
 
+mod backend;
 mod body;
 mod breaker;
 pub mod envelope;
@@ -153,6 +154,7 @@ mod service;
 mod sync;
 pub mod target;
 
+pub use backend::Backend;
 pub use body::{BoxError, RequestBody, ResponseBody};
 pub use error::{InvalidConfig, InvalidName, MalformedEntry, NameKind, RedisError};
 pub use future::ResponseFuture;

@@ -101,6 +101,16 @@ pub enum UnavailableReason {
     },
     /// Redis cannot be reached and the layer fails closed.
     RejectedWhileRedisDown,
+    /// Written on the primary, but fewer replicas than
+    /// [`wait_for_replicas`](crate::HeartbeatBufferBuilder::wait_for_replicas)
+    /// asks for confirmed it in time. It may still be delivered (retry with
+    /// the same `Idempotency-Key`), or lost if the primary fails now.
+    NotReplicated {
+        /// Replicas that confirmed.
+        acked: u64,
+        /// Replicas asked for.
+        wanted: u32,
+    },
     /// The policy chose a fallback but none is configured.
     NoFallback,
     /// The caller's request body failed while being read.
@@ -122,6 +132,7 @@ impl UnavailableReason {
             Self::QueueFull { .. } => "queue_full",
             Self::RedisUnavailable { .. } => "redis_unavailable",
             Self::RejectedWhileRedisDown => "redis_down_fail_closed",
+            Self::NotReplicated { .. } => "not_replicated",
             Self::NoFallback => "no_fallback",
             Self::BodyReadFailed { .. } => "body_read_failed",
             Self::InvalidIdempotencyKey => "invalid_idempotency_key",
@@ -152,6 +163,10 @@ impl fmt::Display for UnavailableReason {
             Self::RejectedWhileRedisDown => {
                 f.write_str("redis cannot be reached and the layer fails closed")
             }
+            Self::NotReplicated { acked, wanted } => write!(
+                f,
+                "stored, but confirmed by {acked} of {wanted} replicas in time: it may be lost in a failover (retry with the same idempotency-key)"
+            ),
             Self::NoFallback => f.write_str("the target is down and no fallback is configured"),
             Self::BodyReadFailed { detail } => {
                 write!(f, "the request body could not be read: {detail}")

@@ -13,16 +13,25 @@
 //! keyspace notifications and reconciliation; the bound can only be
 //! overshot if other replicas add more than that headroom between two of
 //! those readings.
+//!
+//! # Replication
+//!
+//! Redis replicates asynchronously: a primary that dies right after an
+//! `XADD` may take the entry with it, and the replica promoted in its place
+//! never saw it. With [`Replication`] (`WAIT n` in the same pipeline as the
+//! write, so it runs on the very connection and node that took the write)
+//! an entry counts as stored only once `n` replicas have it; when fewer
+//! confirm in time the caller is told so instead of getting a `202`.
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Script, Value};
 use tokio::time::timeout;
 
+use crate::backend::Conn;
 use crate::envelope::Encoded;
 use crate::error::RedisError;
 use crate::target::Target;
@@ -38,6 +47,13 @@ end
 local id = redis.call('XADD', KEYS[1], '*', unpack(ARGV, 2))
 return {id, len + 1}
 "#;
+
+/// `WAIT replicas timeout` after every write.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Replication {
+    pub(crate) replicas: u32,
+    pub(crate) timeout: Duration,
+}
 
 /// Where an entry went.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -55,16 +71,20 @@ pub(crate) enum EnqueueError {
     Full { len: u64 },
     /// Redis did not answer, or refused.
     Redis(RedisError),
+    /// Written on the primary, but fewer replicas than asked confirmed it in
+    /// time: it may or may not survive a failover.
+    NotReplicated { acked: u64, wanted: u32 },
 }
 
 /// A target's buffer.
 #[derive(Clone)]
 pub(crate) struct Queue {
-    conn: ConnectionManager,
+    conn: Conn,
     key: String,
     max_len: u64,
     timeout: Duration,
     script: Script,
+    replication: Option<Replication>,
     /// Writes of this process under way, counted against the headroom.
     in_flight: Arc<AtomicU64>,
 }
@@ -80,30 +100,25 @@ impl Drop for InFlight<'_> {
 
 impl Queue {
     pub(crate) fn new(
-        client: redis::Client,
+        conn: Conn,
         target: &Target,
         max_len: u64,
         command_timeout: Duration,
-    ) -> Result<Self, RedisError> {
-        let config = ConnectionManagerConfig::new()
-            .set_response_timeout(Some(command_timeout))
-            .set_connection_timeout(Some(command_timeout.max(Duration::from_secs(1))))
-            .set_number_of_retries(1)
-            .set_max_delay(Duration::from_millis(500));
-        let conn = ConnectionManager::new_lazy_with_config(client, config)
-            .map_err(|e| RedisError::new("buffer connect", e))?;
-        Ok(Self {
+        replication: Option<Replication>,
+    ) -> Self {
+        Self {
+            replication,
             conn,
             key: target.queue_key(),
             max_len,
-            timeout: command_timeout,
+            timeout: command_timeout + replication.map_or(Duration::ZERO, |r| r.timeout),
             script: Script::new(ENQUEUE),
             in_flight: Arc::new(AtomicU64::new(0)),
-        })
+        }
     }
 
     /// The buffer's connection, shared with the replayer and the admin API.
-    pub(crate) fn conn(&self) -> ConnectionManager {
+    pub(crate) fn conn(&self) -> Conn {
         self.conn.clone()
     }
 
@@ -124,7 +139,16 @@ impl Queue {
                 <= self.max_len
         });
         let mut conn = self.conn.clone();
-        let reply: Result<Value, redis::RedisError> = if far_from_full {
+        let wait = self.replication.map(|r| {
+            let mut wait = redis::cmd("WAIT");
+            wait.arg(r.replicas).arg(
+                u64::try_from(r.timeout.as_millis())
+                    .unwrap_or(u64::MAX)
+                    .max(1),
+            );
+            wait
+        });
+        let query = if far_from_full {
             // Sized up front: growing the command buffer showed in profiles.
             let fields = entry.fields();
             let bytes: usize = fields.iter().map(|(n, v)| n.len() + v.len()).sum();
@@ -135,40 +159,78 @@ impl Queue {
             }
             let mut xlen = redis::Cmd::with_capacity(2, self.key.len() + 8);
             xlen.arg("XLEN").arg(&self.key);
-            let mut pipe = redis::Pipeline::with_capacity(2);
+            let mut pipe = redis::Pipeline::with_capacity(3);
             pipe.add_command(xadd).add_command(xlen);
-            match timeout(self.timeout, pipe.query_async::<Value>(&mut conn)).await {
-                Ok(reply) => reply,
-                Err(_) => return Err(EnqueueError::Redis(RedisError::timeout("enqueue"))),
+            if let Some(wait) = wait {
+                pipe.add_command(wait);
             }
+            timeout(self.timeout, pipe.query_async::<Vec<Value>>(&mut conn)).await
+        } else if let Some(wait) = wait {
+            // `EVAL` rather than the cached script: it must share a pipeline
+            // (one node, one connection) with its `WAIT`, and this path only
+            // runs near a full queue.
+            let mut eval = redis::cmd("EVAL");
+            eval.arg(ENQUEUE).arg(1).arg(&self.key).arg(self.max_len);
+            for (name, value) in entry.fields() {
+                eval.arg(name).arg(value);
+            }
+            let mut pipe = redis::Pipeline::with_capacity(2);
+            pipe.add_command(eval).add_command(wait);
+            timeout(self.timeout, pipe.query_async::<Vec<Value>>(&mut conn))
+                .await
+                .map(|reply| reply.map(flatten_script_reply))
         } else {
             let mut invocation = self.script.key(&self.key);
             invocation.arg(self.max_len);
             for (name, value) in entry.fields() {
                 invocation.arg(name).arg(value);
             }
-            match timeout(self.timeout, invocation.invoke_async(&mut conn)).await {
-                Ok(reply) => reply,
-                Err(_) => return Err(EnqueueError::Redis(RedisError::timeout("enqueue"))),
-            }
+            timeout(
+                self.timeout,
+                invocation.invoke_async::<Vec<Value>>(&mut conn),
+            )
+            .await
         };
-        let reply = reply.map_err(|e| EnqueueError::Redis(RedisError::new("enqueue", e)))?;
-        // Both paths answer `[id, length]`; the script answers `[0, length]`
-        // when the queue is full.
-        match reply {
-            Value::Array(items) => match items.as_slice() {
-                [Value::BulkString(id), Value::Int(len)] => Ok(Enqueued {
-                    entry_id: String::from_utf8_lossy(id).into_owned(),
-                    len: u64::try_from(*len).unwrap_or(0),
-                }),
-                [Value::Int(0), Value::Int(len)] => Err(EnqueueError::Full {
-                    len: u64::try_from(*len).unwrap_or(0),
-                }),
-                _ => Err(unexpected()),
+        let reply = match query {
+            Ok(reply) => reply.map_err(|e| EnqueueError::Redis(RedisError::new("enqueue", e)))?,
+            Err(_) => return Err(EnqueueError::Redis(RedisError::timeout("enqueue"))),
+        };
+        // Every path answers `[id, length]` (`[0, length]` when the script
+        // found the queue full), then the replicas that confirmed if asked.
+        let enqueued = match reply.as_slice() {
+            [Value::BulkString(id), Value::Int(len), ..] => Enqueued {
+                entry_id: String::from_utf8_lossy(id).into_owned(),
+                len: u64::try_from(*len).unwrap_or(0),
             },
-            _ => Err(unexpected()),
+            [Value::Int(0), Value::Int(len), ..] => {
+                return Err(EnqueueError::Full {
+                    len: u64::try_from(*len).unwrap_or(0),
+                })
+            }
+            _ => return Err(unexpected()),
+        };
+        if let Some(wanted) = self.replication.map(|r| r.replicas) {
+            let acked = match reply.get(2) {
+                Some(Value::Int(n)) => u64::try_from(*n).unwrap_or(0),
+                _ => return Err(unexpected()),
+            };
+            if acked < u64::from(wanted) {
+                return Err(EnqueueError::NotReplicated { acked, wanted });
+            }
         }
+        Ok(enqueued)
     }
+}
+
+/// `[[id, len], acked]` -> `[id, len, acked]`.
+fn flatten_script_reply(reply: Vec<Value>) -> Vec<Value> {
+    let mut reply = reply.into_iter();
+    let mut flat = match reply.next() {
+        Some(Value::Array(items)) => items,
+        other => other.into_iter().collect(),
+    };
+    flat.extend(reply);
+    flat
 }
 
 fn unexpected() -> EnqueueError {

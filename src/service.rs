@@ -416,6 +416,11 @@ pub(crate) fn store(
                 debug!(target = %target, id = %id, len, "buffer full: refused");
                 Answer::refused(UnavailableReason::QueueFull { len }, Some(id))
             }
+            Err(EnqueueError::NotReplicated { acked, wanted }) => {
+                shared.metrics.refused("not_replicated");
+                debug!(target = %target, id = %id, acked, wanted, "buffered but not replicated in time");
+                Answer::refused(UnavailableReason::NotReplicated { acked, wanted }, Some(id))
+            }
             Err(EnqueueError::Redis(e)) => {
                 shared.metrics.refused("redis_unavailable");
                 if !shared.redis_warned.swap(true, Ordering::AcqRel) {

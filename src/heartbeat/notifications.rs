@@ -1,7 +1,7 @@
 //! Keyspace-notification flags: what the watcher needs, and what to do when
 //! the server's configuration lacks them.
 
-use redis::aio::ConnectionManager;
+use crate::backend::Conn;
 use redis::Value;
 
 /// `K`: keyspace channel; `g`: DEL/EXPIRE/RENAME; `$`: SET; `x`: expired.
@@ -61,13 +61,13 @@ pub(crate) enum Check {
 /// Reads `notify-keyspace-events` and, when `may_configure`, turns on what is
 /// missing. `CONFIG` is often renamed or forbidden on managed Redis: that
 /// gives [`NotificationMode::ReconcileOnly`], not an error.
-pub(crate) async fn check(conn: &mut ConnectionManager, may_configure: bool) -> Check {
-    let reply: Value = match redis::cmd("CONFIG")
-        .arg("GET")
-        .arg("notify-keyspace-events")
-        .query_async(conn)
-        .await
-    {
+pub(crate) async fn check(conn: &mut Conn, may_configure: bool) -> Check {
+    // On a cluster every node is asked: notifications are node-local, so a
+    // flag counts only when every node (replicas too, which a failover
+    // promotes) has it.
+    let mut get = redis::cmd("CONFIG");
+    get.arg("GET").arg("notify-keyspace-events");
+    let replies = match conn.query_on_all_nodes(&get).await {
         Ok(v) => v,
         Err(e) if is_transient(&e) => return Check::Unreachable(e),
         Err(e) => {
@@ -79,7 +79,11 @@ pub(crate) async fn check(conn: &mut ConnectionManager, may_configure: bool) -> 
             }
         }
     };
-    let current = config_value(&reply).unwrap_or_default();
+    let current = common_flags(
+        replies
+            .iter()
+            .map(|reply| config_value(reply).unwrap_or_default()),
+    );
     let mode = mode_for(&current);
     if mode == NotificationMode::Notifications {
         return Check::Mode { mode, why: None };
@@ -119,14 +123,33 @@ pub(crate) async fn check(conn: &mut ConnectionManager, may_configure: bool) -> 
 /// Reads `maxmemory-policy`: `Some(policy)` when it may evict keys without
 /// a TTL (the buffer streams have none), `None` when it cannot (or cannot be
 /// read).
-pub(crate) async fn risky_eviction_policy(conn: &mut ConnectionManager) -> Option<String> {
-    let reply: Value = redis::cmd("CONFIG")
-        .arg("GET")
-        .arg("maxmemory-policy")
-        .query_async(conn)
-        .await
-        .ok()?;
-    config_value(&reply).filter(|policy| policy.starts_with("allkeys"))
+pub(crate) async fn risky_eviction_policy(conn: &mut Conn) -> Option<String> {
+    let mut get = redis::cmd("CONFIG");
+    get.arg("GET").arg("maxmemory-policy");
+    let replies = conn.query_on_all_nodes(&get).await.ok()?;
+    replies
+        .iter()
+        .filter_map(config_value)
+        .find(|policy| policy.starts_with("allkeys"))
+}
+
+/// The flags that every one of `nodes` has (the `A` alias spelled out).
+fn common_flags(nodes: impl Iterator<Item = String>) -> String {
+    let mut common: Option<Vec<char>> = None;
+    for flags in nodes {
+        let mut has: Vec<char> = flags.chars().filter(|&c| c != 'A').collect();
+        if flags.contains('A') {
+            has.extend(ALIAS_A.chars());
+        }
+        common = Some(match common {
+            None => has,
+            Some(before) => before.into_iter().filter(|c| has.contains(c)).collect(),
+        });
+    }
+    let mut common = common.unwrap_or_default();
+    common.sort_unstable();
+    common.dedup();
+    common.into_iter().collect()
 }
 
 /// `CONFIG GET` answers a map in RESP3 and a flat array in RESP2.

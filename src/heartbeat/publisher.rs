@@ -4,12 +4,12 @@ use std::fmt;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::timeout;
 use tracing::{debug, info, warn, Instrument};
 
+use crate::backend::{Backend, Conn};
 use crate::error::{InvalidConfig, RedisError};
 use crate::sync::lock;
 use crate::target::{HeartbeatSource, Target};
@@ -125,7 +125,10 @@ impl HeartbeatBuilder {
     /// retried with backoff while Redis is unreachable. Use
     /// [`Heartbeat::wait_published`] to wait for the first success. Must be
     /// called within a Tokio runtime.
-    pub fn start(self, client: redis::Client) -> Result<Heartbeat, InvalidConfig> {
+    ///
+    /// `backend` is a [`Backend`] (one server, a cluster, a Sentinel-managed
+    /// primary) or a `redis::Client`.
+    pub fn start(self, backend: impl Into<Backend>) -> Result<Heartbeat, InvalidConfig> {
         let key = match (&self.instance, self.target.heartbeat_source()) {
             (Some(instance), HeartbeatSource::Explicit(_)) => {
                 return Err(InvalidConfig::new(format!(
@@ -161,12 +164,9 @@ impl HeartbeatBuilder {
             }
         }
 
-        let config = ConnectionManagerConfig::new()
-            .set_response_timeout(Some(WRITE_TIMEOUT))
-            .set_connection_timeout(Some(Duration::from_secs(1)))
-            .set_number_of_retries(1)
-            .set_max_delay(Duration::from_millis(500));
-        let conn = ConnectionManager::new_lazy_with_config(client, config)
+        let conn = backend
+            .into()
+            .data()
             .map_err(|e| InvalidConfig::new(format!("redis client unusable: {e}")))?;
 
         let started_at = SystemTime::now()
@@ -240,7 +240,7 @@ impl HeartbeatBuilder {
 /// ```
 pub struct Heartbeat {
     target: Target,
-    conn: ConnectionManager,
+    conn: Conn,
     shared: Arc<Shared>,
     stop: watch::Sender<bool>,
     published: watch::Receiver<bool>,
@@ -365,7 +365,7 @@ impl Writer {
     }
 
     /// One atomic write of the whole heartbeat with its TTL.
-    async fn write(&self, conn: &mut ConnectionManager, status: Status) -> Result<(), RedisError> {
+    async fn write(&self, conn: &mut Conn, status: Status) -> Result<(), RedisError> {
         let ttl_ms = self.ttl_ms();
         let result = match self.format {
             HeartbeatFormat::Marker => {
@@ -414,7 +414,7 @@ impl Writer {
 }
 
 async fn refresh_loop(
-    mut conn: ConnectionManager,
+    mut conn: Conn,
     shared: Arc<Shared>,
     interval: Duration,
     mut stop: watch::Receiver<bool>,

@@ -7,8 +7,7 @@ use std::fmt;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{ProtocolVersion, PushInfo, PushKind, Value};
+use redis::{PushInfo, PushKind, Value};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::{sleep_until, timeout, Instant};
 use tracing::{debug, error, info, trace, warn, Instrument};
@@ -16,6 +15,7 @@ use tracing::{debug, error, info, trace, warn, Instrument};
 use super::notifications::{self, Check, NotificationMode};
 use super::probe::{self, Assessment};
 use super::view::{Health, TargetView, ViewState};
+use crate::backend::{Backend, Conn};
 use crate::error::RedisError;
 use crate::sync::{lock, read, write};
 use crate::target::{HeartbeatSource, Target};
@@ -79,16 +79,17 @@ impl WatcherBuilder {
         self
     }
 
-    /// Starts the watcher on `client`'s server.
+    /// Starts the watcher on `backend`: a [`Backend`] (one server, a
+    /// cluster, a Sentinel-managed primary) or a `redis::Client`.
     ///
     /// Does not wait for Redis: when it is unreachable the watcher starts
     /// anyway, views report [`Health::Unknown`] and everything catches up
     /// when Redis answers. Must be called within a Tokio runtime.
     ///
-    /// Fails only when `client` cannot be used at all (for instance, an
+    /// Fails only when `backend` cannot be used at all (for instance, an
     /// unsupported connection type).
-    pub async fn connect(self, client: redis::Client) -> Result<Watcher, RedisError> {
-        Watcher::start(self, client)
+    pub async fn connect(self, backend: impl Into<Backend>) -> Result<Watcher, RedisError> {
+        Watcher::start(self, backend.into())
     }
 }
 
@@ -121,10 +122,11 @@ pub struct Watcher {
 }
 
 struct WatcherInner {
-    /// The caller's client, as given (other parts of the crate open their
-    /// own connections from it).
-    client: redis::Client,
-    conn: ConnectionManager,
+    /// Where Redis is, as given; its data connection is shared with the
+    /// layers and replayers built on this watcher.
+    backend: Backend,
+    /// This watcher's own connection, which carries the subscriptions.
+    conn: Conn,
     config: WatcherBuilder,
     db: i64,
     router: Arc<Router>,
@@ -145,25 +147,18 @@ impl Watcher {
         WatcherBuilder::default()
     }
 
-    /// A watcher with the defaults on `client`'s server. See
+    /// A watcher with the defaults on `backend`. See
     /// [`WatcherBuilder::connect`].
-    pub async fn connect(client: redis::Client) -> Result<Watcher, RedisError> {
-        Self::builder().connect(client).await
+    pub async fn connect(backend: impl Into<Backend>) -> Result<Watcher, RedisError> {
+        Self::builder().connect(backend).await
     }
 
-    fn start(config: WatcherBuilder, client: redis::Client) -> Result<Watcher, RedisError> {
+    fn start(config: WatcherBuilder, backend: Backend) -> Result<Watcher, RedisError> {
         // Notifications arrive as RESP3 pushes on the same multiplexed
-        // connection that reads the keys; the manager reconnects and
+        // connection that reads the keys (on a cluster, one per node: the
+        // node that owns each key's slot); the connection reconnects and
         // resubscribes by itself, and tells us of each disconnection.
-        let original = client.clone();
-        let info = client.get_connection_info().clone();
-        let db = info.redis_settings().db();
-        let settings = info
-            .redis_settings()
-            .clone()
-            .set_protocol(ProtocolVersion::RESP3);
-        let client = redis::Client::open(info.set_redis_settings(settings))
-            .map_err(|e| RedisError::new("watcher connect", e))?;
+        let db = backend.db();
 
         let (disconnects_tx, disconnects_rx) = mpsc::unbounded_channel();
         let router = Arc::new(Router {
@@ -171,19 +166,10 @@ impl Watcher {
             disconnects: disconnects_tx,
         });
         let push_router = Arc::clone(&router);
-        let manager_config = ConnectionManagerConfig::new()
-            .set_push_sender(move |push: PushInfo| {
-                push_router.dispatch(push);
-                Ok::<(), std::convert::Infallible>(())
-            })
-            .set_automatic_resubscription()
-            .set_response_timeout(Some(config.read_timeout))
-            .set_connection_timeout(Some(config.read_timeout.max(Duration::from_secs(1))))
-            // One quick retry inside the manager; our own loops pace the rest.
-            .set_number_of_retries(1)
-            .set_max_delay(Duration::from_millis(500));
-        let conn = ConnectionManager::new_lazy_with_config(client, manager_config)
-            .map_err(|e| RedisError::new("watcher connect", e))?;
+        let conn = backend.subscriber(
+            Arc::new(move |push: PushInfo| push_router.dispatch(push)),
+            config.read_timeout,
+        )?;
 
         let (shutdown, shutdown_rx) = watch::channel(false);
         let (mode_tx, mode) = watch::channel(NotificationMode::Unchecked);
@@ -200,7 +186,7 @@ impl Watcher {
 
         Ok(Watcher {
             inner: Arc::new(WatcherInner {
-                client: original,
+                backend,
                 conn,
                 config,
                 db,
@@ -238,9 +224,9 @@ impl Watcher {
         TargetView::new(state, Arc::clone(&self.inner) as Arc<dyn Send + Sync>)
     }
 
-    /// The client this watcher was started with.
-    pub(crate) fn client(&self) -> redis::Client {
-        self.inner.client.clone()
+    /// Where this watcher's Redis is.
+    pub(crate) fn backend(&self) -> &Backend {
+        &self.inner.backend
     }
 
     /// How this watcher currently learns of changes.
@@ -397,7 +383,7 @@ impl Subscription {
 /// asks every target to re-read: whatever changed while the connection was
 /// down was not notified.
 struct Supervisor {
-    conn: ConnectionManager,
+    conn: Conn,
     router: Arc<Router>,
     may_configure: bool,
     reconcile_interval: Duration,
@@ -467,7 +453,7 @@ impl Supervisor {
 
 /// Keeps one target's view current.
 struct TargetTask {
-    conn: ConnectionManager,
+    conn: Conn,
     state: Arc<ViewState>,
     script: redis::Script,
     subscription: Subscription,
@@ -819,7 +805,11 @@ impl TargetTask {
                 .arg(&pattern)
                 .arg("COUNT")
                 .arg(SCAN_COUNT);
-            let scan = cmd.query_async::<(u64, Vec<String>)>(&mut self.conn);
+            // On a cluster, the node that owns the target's slot (every
+            // instance key carries the target's hash tag).
+            let scan = self
+                .conn
+                .query_on_node_of::<(u64, Vec<String>)>(&pattern, &cmd);
             let (next, found) = match timeout(self.read_timeout, scan).await {
                 Ok(Ok(v)) => v,
                 Ok(Err(e)) => return Err(RedisError::new("instance discovery", e)),

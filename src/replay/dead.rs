@@ -4,10 +4,10 @@
 use std::fmt;
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Script, Value};
 use tokio::time::timeout;
 
+use crate::backend::Conn;
 use crate::envelope::Envelope;
 use crate::error::{MalformedEntry, RedisError};
 use crate::target::Target;
@@ -65,25 +65,20 @@ impl fmt::Debug for DeadLetter {
 /// A target's dead letters.
 #[derive(Clone)]
 pub struct DeadLetters {
-    conn: ConnectionManager,
+    conn: Conn,
     queue: String,
     dead: String,
     timeout: Duration,
 }
 
 impl DeadLetters {
-    /// The dead letters of `target` on `client`'s server.
-    pub fn new(client: redis::Client, target: &Target) -> Result<Self, RedisError> {
-        let config = ConnectionManagerConfig::new()
-            .set_response_timeout(Some(Duration::from_secs(2)))
-            .set_connection_timeout(Some(Duration::from_secs(2)))
-            .set_number_of_retries(1);
-        let conn = ConnectionManager::new_lazy_with_config(client, config)
-            .map_err(|e| RedisError::new("dead letters connect", e))?;
-        Ok(Self::from_conn(conn, target))
+    /// The dead letters of `target` on `backend` (a [`Backend`](crate::Backend)
+    /// or a `redis::Client`).
+    pub fn new(backend: impl Into<crate::Backend>, target: &Target) -> Result<Self, RedisError> {
+        Ok(Self::from_conn(backend.into().data()?, target))
     }
 
-    pub(crate) fn from_conn(conn: ConnectionManager, target: &Target) -> Self {
+    pub(crate) fn from_conn(conn: Conn, target: &Target) -> Self {
         Self {
             conn,
             queue: target.queue_key(),

@@ -229,7 +229,7 @@ pub struct ReplayerBuilder {
 }
 
 impl ReplayerBuilder {
-    pub(crate) fn new(view: TargetView, conn: redis::aio::ConnectionManager) -> Self {
+    pub(crate) fn new(view: TargetView, conn: crate::backend::Conn) -> Self {
         let config = ReplayConfig::default();
         let store = Store::new(conn, view.target(), config.redis_timeout);
         Self {
@@ -325,12 +325,7 @@ impl Replayer {
         target: &Target,
     ) -> Result<ReplayerBuilder, RedisError> {
         let view = watcher.watch(target).await;
-        let config = redis::aio::ConnectionManagerConfig::new()
-            .set_response_timeout(Some(Duration::from_secs(1)))
-            .set_connection_timeout(Some(Duration::from_secs(1)))
-            .set_number_of_retries(1);
-        let conn = redis::aio::ConnectionManager::new_lazy_with_config(watcher.client(), config)
-            .map_err(|e| RedisError::new("replayer connect", e))?;
+        let conn = watcher.backend().data()?;
         Ok(ReplayerBuilder::new(view, conn))
     }
 }

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
+use crate::backend::Conn;
 use redis::{Script, Value};
 use tokio::time::timeout;
 
@@ -58,7 +58,7 @@ impl RawEntry {
 
 #[derive(Clone)]
 pub(crate) struct Store {
-    conn: ConnectionManager,
+    conn: Conn,
     queue: String,
     dead: String,
     lease: String,
@@ -73,7 +73,7 @@ fn fail(operation: &'static str) -> impl Fn(redis::RedisError) -> RedisError {
 }
 
 impl Store {
-    pub(crate) fn new(conn: ConnectionManager, target: &Target, command_timeout: Duration) -> Self {
+    pub(crate) fn new(conn: Conn, target: &Target, command_timeout: Duration) -> Self {
         Self {
             conn,
             queue: target.queue_key(),
@@ -86,7 +86,7 @@ impl Store {
         }
     }
 
-    pub(crate) fn conn(&self) -> ConnectionManager {
+    pub(crate) fn conn(&self) -> Conn {
         self.conn.clone()
     }
 

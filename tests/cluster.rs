@@ -1,0 +1,230 @@
+//! The crate on a real Redis Cluster (3 primaries, 3 replicas, started by the
+//! test): targets whose keys live on different nodes buffer and replay, and a
+//! primary SIGKILLed in the middle of a drain loses nothing that was
+//! answered `202`.
+
+mod support;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, StatusCode};
+use http_body_util::Full;
+use support::layer_rig::{call, Buffered};
+use support::{hyper_client, wait_until, HttpTarget, RedisCluster, Reply};
+use tower_heartbeat_buffer::replay::{ReplayConfig, ReplayHandle};
+use tower_heartbeat_buffer::{
+    Backend, Health, HeartbeatBufferLayer, RequestBody, Target, Watcher,
+};
+use tower_layer::Layer;
+
+const EVENTUALLY: Duration = Duration::from_secs(60);
+
+fn fast() -> ReplayConfig {
+    let mut config = ReplayConfig::default();
+    config.slow_start = Duration::ZERO;
+    config.poll_interval = Duration::from_millis(200);
+    config.backoff_base = Duration::from_millis(20);
+    config.lease_ttl = Duration::from_secs(2);
+    config.visibility_timeout = Duration::from_secs(3);
+    config
+}
+
+async fn cluster_conn(cluster: &RedisCluster) -> redis::cluster_async::ClusterConnection {
+    redis::cluster::ClusterClient::new(cluster.seed_urls())
+        .unwrap()
+        .get_async_connection()
+        .await
+        .unwrap()
+}
+
+struct Lane {
+    target: Target,
+    http: HttpTarget,
+    service: Buffered,
+    layer: HeartbeatBufferLayer,
+}
+
+async fn lane(watcher: &Watcher, name: &str) -> Lane {
+    let target = Target::new(name).unwrap();
+    let http = HttpTarget::start().await;
+    let layer = HeartbeatBufferLayer::builder(target.clone())
+        // Every 202 is on a replica too, so a failover cannot take it.
+        .wait_for_replicas(1, Duration::from_secs(2))
+        .redis_timeout(Duration::from_secs(2))
+        .build(watcher)
+        .await
+        .unwrap();
+    let service = layer.clone().layer(hyper_client());
+    Lane {
+        target,
+        http,
+        service,
+        layer,
+    }
+}
+
+fn key(name: &str, i: usize) -> String {
+    format!("{name}-{i:05}")
+}
+
+async fn buffer(lane: &mut Lane, n: usize) {
+    for i in 0..n {
+        let request = Request::post(format!("{}/o/{i}", lane.http.url()))
+            .header("idempotency-key", key(lane.target.name(), i))
+            .body(Full::new(Bytes::from(key(lane.target.name(), i))))
+            .unwrap();
+        let out = call(&mut lane.service, request).await.unwrap();
+        assert_eq!(out.status, StatusCode::ACCEPTED, "{out:?}");
+    }
+}
+
+fn spawn_replayer(lane: &Lane) -> ReplayHandle {
+    lane.layer
+        .replayer()
+        .config(fast())
+        .spawn(hyper_client::<RequestBody<Full<Bytes>>>())
+}
+
+/// The idempotency keys the target received, first arrivals only, in order.
+fn first_arrivals(http: &HttpTarget) -> Vec<String> {
+    let mut seen = HashSet::new();
+    http.received()
+        .iter()
+        .filter_map(|r| r.headers.get("idempotency-key"))
+        .map(|v| v.to_str().unwrap().to_owned())
+        .filter(|k| seen.insert(k.clone()))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn targets_on_three_nodes_drain_through_a_primary_kill() {
+    const N: usize = 300;
+    let mut cluster = RedisCluster::start(3, 1);
+    let names = cluster.keys_on_distinct_primaries(3);
+    let backend = Backend::cluster(cluster.seed_urls()).unwrap();
+    let watcher = Watcher::connect(backend.clone()).await.unwrap();
+    let mut lanes = Vec::new();
+    for name in &names {
+        lanes.push(lane(&watcher, name).await);
+    }
+    let mut admin = cluster_conn(&cluster).await;
+    let primaries: Vec<usize> = lanes
+        .iter()
+        .map(|l| cluster.primary_for_key(&l.target.queue_key()))
+        .collect();
+    assert_eq!(
+        primaries.iter().collect::<HashSet<_>>().len(),
+        3,
+        "the three targets' keys live on three different primaries"
+    );
+
+    // Down (no heartbeat yet): everything is buffered, each on its node.
+    for lane in &mut lanes {
+        assert_eq!(lane.layer.view().health(), Health::Down);
+        buffer(lane, N).await;
+        let len: u64 = redis::cmd("XLEN")
+            .arg(lane.target.queue_key())
+            .query_async(&mut admin)
+            .await
+            .unwrap();
+        assert_eq!(len, N as u64);
+    }
+
+    // Slow targets, so the kill lands mid-drain.
+    for lane in &lanes {
+        lane.http.set_reply(Reply::Delay(Duration::from_millis(5)));
+    }
+    let replayers: Vec<ReplayHandle> = lanes.iter().map(spawn_replayer).collect();
+    for lane in &lanes {
+        let _: () = redis::cmd("SET")
+            .arg(lane.target.heartbeat_key())
+            .arg(1)
+            .query_async(&mut admin)
+            .await
+            .unwrap();
+    }
+    let victim = &lanes[0];
+    assert!(
+        wait_until(EVENTUALLY, || victim.http.received_count() >= N / 3).await,
+        "the drain started"
+    );
+    let dead = primaries[0];
+    cluster.kill_node(dead);
+    // wait_for_failover blocks while it polls the live nodes.
+    let new_primary = tokio::task::block_in_place(|| {
+        cluster.wait_for_failover(dead, Duration::from_secs(30))
+    });
+    assert_ne!(new_primary, dead);
+
+    // Nothing answered 202 is lost, on any node; order holds per target.
+    for lane in &lanes {
+        let expected: Vec<String> = (0..N).map(|i| key(lane.target.name(), i)).collect();
+        let done = wait_until(EVENTUALLY, || first_arrivals(&lane.http).len() >= N).await;
+        let got = first_arrivals(&lane.http);
+        assert!(
+            done,
+            "{}: {} of {N} delivered after the failover\n{}",
+            lane.target,
+            got.len(),
+            cluster.diagnostics()
+        );
+        assert_eq!(got, expected, "{}: first arrivals in buffer order", lane.target);
+    }
+    // And the buffers empty out (acknowledged entries removed).
+    let mut admin = cluster_conn(&cluster).await;
+    for lane in &lanes {
+        let mut len = u64::MAX;
+        for _ in 0..300 {
+            len = redis::cmd("XLEN")
+                .arg(lane.target.queue_key())
+                .query_async(&mut admin)
+                .await
+                .unwrap_or(u64::MAX);
+            if len == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(len, 0, "{}: buffer emptied", lane.target);
+    }
+    for r in replayers {
+        r.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeats_on_every_node_are_notified() {
+    let cluster = RedisCluster::start(3, 0);
+    let names = cluster.keys_on_distinct_primaries(3);
+    let watcher = Watcher::builder()
+        // A long reconciliation: only notifications can be this quick.
+        .reconcile_interval(Duration::from_secs(30))
+        .connect(Backend::cluster(cluster.seed_urls()).unwrap())
+        .await
+        .unwrap();
+    let mut admin = cluster_conn(&cluster).await;
+    for name in &names {
+        let target = Target::new(name).unwrap();
+        let view = watcher.watch(&target).await;
+        assert_eq!(view.health(), Health::Down);
+        let _: () = redis::cmd("SET")
+            .arg(target.heartbeat_key())
+            .arg(1)
+            .query_async(&mut admin)
+            .await
+            .unwrap();
+        tokio::time::timeout(Duration::from_secs(5), view.wait_for(Health::Up))
+            .await
+            .unwrap_or_else(|_| panic!("{target}: set on its node not seen"));
+        let _: () = redis::cmd("DEL")
+            .arg(target.heartbeat_key())
+            .query_async(&mut admin)
+            .await
+            .unwrap();
+        tokio::time::timeout(Duration::from_secs(5), view.wait_for(Health::Down))
+            .await
+            .unwrap_or_else(|_| panic!("{target}: del on its node not seen"));
+    }
+}
