@@ -107,6 +107,7 @@ async fn calls_resume_on_the_new_primary_and_every_202_survives_with_wait() {
         accepted(&tally) >= at_kill + 100
     })
     .await;
+    let resumed_after = killed_at.elapsed();
     stop.send_replace(true);
     caller.await.unwrap();
     assert!(
