@@ -64,6 +64,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// Sentinel: after a failed lookup, commands fail at once for this long
 /// instead of each asking the sentinels again.
 const SENTINEL_RETRY: Duration = Duration::from_millis(100);
+/// Sentinel: longest lookup (sentinels asked, primary checked, subscriptions
+/// re-made) before it counts as failed.
+const SENTINEL_LOOKUP: Duration = Duration::from_secs(2);
 
 /// Where the crate's Redis lives.
 ///
@@ -610,7 +613,12 @@ impl SentinelConn {
                 return Ok((current.generation, conn.clone()));
             }
         }
-        match self.look_up(&mut sentinels).await {
+        let looked_up = match tokio::time::timeout(SENTINEL_LOOKUP, self.look_up(&mut sentinels)).await
+        {
+            Ok(result) => result,
+            Err(_) => Err(no_primary("the sentinels or the primary did not answer in time")),
+        };
+        match looked_up {
             Ok(conn) => {
                 let mut current = lock(&self.current);
                 current.generation += 1;
@@ -678,7 +686,10 @@ impl SentinelConn {
     /// Forgets the current primary when `e` says it is gone or demoted.
     fn check_error(&self, generation: u64, e: &redis::RedisError) {
         let demoted = matches!(e.code(), Some("READONLY" | "MASTERDOWN"));
+        // A timeout too: a primary that hangs is failed over by the
+        // sentinels like a dead one, and asking them again is cheap.
         let gone = e.is_io_error()
+            || e.is_timeout()
             || e.is_connection_dropped()
             || e.is_connection_refusal()
             || e.is_unrecoverable_error();
