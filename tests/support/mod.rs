@@ -28,9 +28,13 @@
 #![allow(unused_imports)]
 
 mod options;
+mod redis_cluster;
+mod redis_sentinel;
 mod redis_server;
 
 pub use options::RedisOptions;
+pub use redis_cluster::{NodeState, RedisCluster};
+pub use redis_sentinel::{SentinelProcess, SentinelSetup};
 pub use redis_server::RedisServer;
 
 mod examples;
