@@ -14,9 +14,7 @@ use http_body_util::Full;
 use support::layer_rig::{call, Buffered};
 use support::{hyper_client, wait_until, HttpTarget, RedisCluster, Reply};
 use tower_heartbeat_buffer::replay::{ReplayConfig, ReplayHandle};
-use tower_heartbeat_buffer::{
-    Backend, Health, HeartbeatBufferLayer, RequestBody, Target, Watcher,
-};
+use tower_heartbeat_buffer::{Backend, Health, HeartbeatBufferLayer, RequestBody, Target, Watcher};
 use tower_layer::Layer;
 
 const EVENTUALLY: Duration = Duration::from_secs(60);
@@ -153,9 +151,8 @@ async fn targets_on_three_nodes_drain_through_a_primary_kill() {
     let dead = primaries[0];
     cluster.kill_node(dead);
     // wait_for_failover blocks while it polls the live nodes.
-    let new_primary = tokio::task::block_in_place(|| {
-        cluster.wait_for_failover(dead, Duration::from_secs(30))
-    });
+    let new_primary =
+        tokio::task::block_in_place(|| cluster.wait_for_failover(dead, Duration::from_secs(30)));
     assert_ne!(new_primary, dead);
 
     // Nothing answered 202 is lost, on any node; order holds per target.
@@ -170,7 +167,11 @@ async fn targets_on_three_nodes_drain_through_a_primary_kill() {
             got.len(),
             cluster.diagnostics()
         );
-        assert_eq!(got, expected, "{}: first arrivals in buffer order", lane.target);
+        assert_eq!(
+            got, expected,
+            "{}: first arrivals in buffer order",
+            lane.target
+        );
     }
     // And the buffers empty out (acknowledged entries removed).
     let mut admin = cluster_conn(&cluster).await;
