@@ -229,3 +229,124 @@ async fn heartbeats_on_every_node_are_notified() {
             .unwrap_or_else(|_| panic!("{target}: del on its node not seen"));
     }
 }
+
+/// Moves `slot` from primary `from` to primary `to` the way
+/// `redis-cli --cluster reshard` does (IMPORTING/MIGRATING, `MIGRATE` in
+/// small batches so clients see `ASK` in between, then the new owner
+/// announced), while the caller keeps working.
+async fn migrate_slot(cluster: &RedisCluster, slot: u16, from: usize, to: usize) {
+    let (from_id, to_id) = (
+        cluster.node_id(from).to_owned(),
+        cluster.node_id(to).to_owned(),
+    );
+    let to_port = cluster.node(to).port();
+    let mut src = cluster.node(from).conn();
+    let mut dst = cluster.node(to).conn();
+    let setslot = |state: &str, id: &str| {
+        let mut cmd = redis::cmd("CLUSTER");
+        cmd.arg("SETSLOT").arg(slot).arg(state).arg(id);
+        cmd
+    };
+    let _: () = setslot("IMPORTING", &from_id).query(&mut dst).unwrap();
+    let _: () = setslot("MIGRATING", &to_id).query(&mut src).unwrap();
+    loop {
+        let keys: Vec<String> = redis::cmd("CLUSTER")
+            .arg("GETKEYSINSLOT")
+            .arg(slot)
+            .arg(2)
+            .query(&mut src)
+            .unwrap();
+        if keys.is_empty() {
+            break;
+        }
+        let _: () = redis::cmd("MIGRATE")
+            .arg("127.0.0.1")
+            .arg(to_port)
+            .arg("")
+            .arg(0)
+            .arg(5000)
+            .arg("KEYS")
+            .arg(&keys)
+            .query(&mut src)
+            .unwrap();
+        // Let the layer and the replayer run between batches.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for i in 0..cluster.len() {
+        if cluster.node_state(i) == support::NodeState::Running {
+            let _: () = setslot("NODE", &to_id)
+                .query(&mut cluster.node(i).conn())
+                .unwrap();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_moved_mid_drain_loses_nothing_and_notifications_follow_it() {
+    const N: usize = 300;
+    let cluster = RedisCluster::start(3, 0);
+    let name = cluster.keys_on_distinct_primaries(1).remove(0);
+    let watcher = Watcher::builder()
+        .reconcile_interval(Duration::from_secs(30))
+        .connect(Backend::cluster(cluster.seed_urls()).unwrap())
+        .await
+        .unwrap();
+    let mut lane = {
+        let target = Target::new(&name).unwrap();
+        let http = HttpTarget::start().await;
+        let layer = HeartbeatBufferLayer::builder(target.clone())
+            .build(&watcher)
+            .await
+            .unwrap();
+        let service = layer.clone().layer(hyper_client());
+        Lane {
+            target,
+            http,
+            service,
+            layer,
+        }
+    };
+    buffer(&mut lane, N).await;
+    lane.http.set_reply(Reply::Delay(Duration::from_millis(5)));
+    let replayer = spawn_replayer(&lane);
+    let mut admin = cluster_conn(&cluster).await;
+    let _: () = redis::cmd("SET")
+        .arg(lane.target.heartbeat_key())
+        .arg(1)
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    assert!(wait_until(EVENTUALLY, || lane.http.received_count() >= N / 4).await);
+
+    let slot = cluster.slot_of(&lane.target.queue_key());
+    let from = cluster.primary_for_key(&lane.target.queue_key());
+    let to = (0..cluster.len()).find(|&i| i != from).unwrap();
+    migrate_slot(&cluster, slot, from, to).await;
+    assert_eq!(cluster.primary_for_key(&lane.target.queue_key()), to);
+
+    let expected: Vec<String> = (0..N).map(|i| key(lane.target.name(), i)).collect();
+    let done = wait_until(EVENTUALLY, || first_arrivals(&lane.http).len() >= N).await;
+    assert!(
+        done,
+        "{} of {N} delivered",
+        first_arrivals(&lane.http).len()
+    );
+    assert_eq!(
+        first_arrivals(&lane.http),
+        expected,
+        "first arrivals in order"
+    );
+
+    // The heartbeat's notifications now come from the new owner: a DEL
+    // there is seen long before the 30 s reconciliation.
+    let view = lane.layer.view().clone();
+    let _: () = redis::cmd("DEL")
+        .arg(lane.target.heartbeat_key())
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(5), view.wait_for(Health::Down))
+        .await
+        .expect("heartbeat DEL on the slot's new node not seen");
+    replayer.shutdown().await;
+}
