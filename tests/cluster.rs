@@ -14,7 +14,9 @@ use http_body_util::Full;
 use support::layer_rig::{call, Buffered};
 use support::{hyper_client, wait_until, HttpTarget, RedisCluster, Reply};
 use tower_heartbeat_buffer::replay::{ReplayConfig, ReplayHandle};
-use tower_heartbeat_buffer::{Backend, Health, HeartbeatBufferLayer, RequestBody, Target, Watcher};
+use tower_heartbeat_buffer::{
+    Backend, Health, HeartbeatBufferLayer, NotificationMode, RequestBody, Target, Watcher,
+};
 use tower_layer::Layer;
 
 const EVENTUALLY: Duration = Duration::from_secs(60);
@@ -349,4 +351,43 @@ async fn a_slot_moved_mid_drain_loses_nothing_and_notifications_follow_it() {
         .await
         .expect("heartbeat DEL on the slot's new node not seen");
     replayer.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notification_flags_are_checked_and_set_on_every_node() {
+    let cluster = RedisCluster::start(3, 0);
+    // One node of three without the flags: its keys would never notify.
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("notify-keyspace-events")
+        .arg("")
+        .query(&mut cluster.node(2).conn())
+        .unwrap();
+    let backend = Backend::cluster(cluster.seed_urls()).unwrap();
+    let checked = |watcher: Watcher| async move {
+        let mut mode = watcher.notification_mode();
+        for _ in 0..500 {
+            if mode != NotificationMode::Unchecked {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            mode = watcher.notification_mode();
+        }
+        mode
+    };
+    let reading = Watcher::connect(backend.clone()).await.unwrap();
+    assert_eq!(checked(reading).await, NotificationMode::ReconcileOnly);
+
+    let configuring = Watcher::builder()
+        .configure_notifications(true)
+        .connect(backend)
+        .await
+        .unwrap();
+    assert_eq!(checked(configuring).await, NotificationMode::Notifications);
+    let flags: Vec<String> = redis::cmd("CONFIG")
+        .arg("GET")
+        .arg("notify-keyspace-events")
+        .query(&mut cluster.node(2).conn())
+        .unwrap();
+    assert!(flags[1].contains('K'), "node 2 configured too: {flags:?}");
 }
