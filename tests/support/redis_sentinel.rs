@@ -186,7 +186,9 @@ impl SentinelSetup {
     /// Restarts the data server on `port` (same port, dir and config file,
     /// which the sentinels may have rewritten; AOF reloaded). A former primary
     /// comes back as a primary and is turned into a replica by the sentinels
-    /// a few seconds later: see [`Self::wait_replica_synced`].
+    /// ~8 s later (Sentinel's fixed grace period); they see its link up at
+    /// their next INFO of it (every 10 s), so [`Self::wait_replica_synced`]
+    /// takes up to ~20 s after such a restart: give it a 30 s timeout.
     pub fn restart_server(&mut self, port: u16) {
         let index = self.index_of_port(port);
         self.servers[index].restart();
