@@ -13,7 +13,7 @@ use http::{Request, StatusCode};
 use http_body_util::Full;
 use support::layer_rig::{call, stored, Buffered};
 use support::{hyper_client, wait_until, HttpTarget, SentinelSetup};
-use tower_heartbeat_buffer::{Backend, HeartbeatBufferLayer, Target, Watcher};
+use tower_heartbeat_buffer::{Backend, Health, HeartbeatBufferLayer, Target, Watcher};
 use tower_layer::Layer;
 
 const MASTER: &str = "thb-primary";
@@ -212,4 +212,44 @@ async fn without_wait_a_failover_loses_what_the_replica_never_got() {
         assert!(Instant::now() < deadline, "no 202 from the new primary");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_watcher_follows_the_new_primary() {
+    let mut setup = SentinelSetup::start(MASTER);
+    let watcher = Watcher::builder()
+        // Only notifications (or the re-read after a switch) can be quick.
+        .reconcile_interval(Duration::from_secs(30))
+        .connect(Backend::sentinel(MASTER, setup.sentinel_urls()).unwrap())
+        .await
+        .unwrap();
+    let target = Target::new("orders").unwrap();
+    let view = watcher.watch(&target).await;
+    let primary = setup.current_primary_port();
+    let _: () = redis::cmd("SET")
+        .arg(target.heartbeat_key())
+        .arg(1)
+        .query(&mut setup.server_by_port(primary).conn())
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(5), view.wait_for(Health::Up))
+        .await
+        .expect("heartbeat seen on the first primary");
+    setup.wait_replica_synced(Duration::from_secs(10));
+
+    let old = setup.kill_primary();
+    let new = tokio::task::block_in_place(|| setup.wait_for_failover(old, Duration::from_secs(30)));
+    // The heartbeat was replicated: still up. Its deletion on the new
+    // primary is notified there.
+    assert!(
+        wait_until(Duration::from_secs(10), || view.redis_reachable()).await,
+        "the watcher reaches the new primary"
+    );
+    assert_eq!(view.health(), Health::Up);
+    let _: () = redis::cmd("DEL")
+        .arg(target.heartbeat_key())
+        .query(&mut setup.server_by_port(new).conn())
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(5), view.wait_for(Health::Down))
+        .await
+        .expect("DEL on the new primary not seen");
 }
