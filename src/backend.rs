@@ -613,11 +613,13 @@ impl SentinelConn {
                 return Ok((current.generation, conn.clone()));
             }
         }
-        let looked_up = match tokio::time::timeout(SENTINEL_LOOKUP, self.look_up(&mut sentinels)).await
-        {
-            Ok(result) => result,
-            Err(_) => Err(no_primary("the sentinels or the primary did not answer in time")),
-        };
+        let looked_up =
+            match tokio::time::timeout(SENTINEL_LOOKUP, self.look_up(&mut sentinels)).await {
+                Ok(result) => result,
+                Err(_) => Err(no_primary(
+                    "the sentinels or the primary did not answer in time",
+                )),
+            };
         match looked_up {
             Ok(conn) => {
                 let mut current = lock(&self.current);
