@@ -41,14 +41,18 @@ use hyper_util::rt::TokioExecutor;
 use tokio::sync::broadcast::error::RecvError;
 use tower::timeout::Timeout;
 use tower_heartbeat_buffer::replay::{ReplayConfig, ReplayEvent, ReplayEventKind, Replayer};
-use tower_heartbeat_buffer::{DeliveryOrder, Health, RequestBody, Watcher, DEFAULT_NAMESPACE};
+use tower_heartbeat_buffer::{
+    Backend, DeliveryOrder, Health, RequestBody, Watcher, DEFAULT_NAMESPACE,
+};
 use tracing::{info, warn};
 
 /// Delivers the requests buffered for one target once its heartbeat is back.
 #[derive(Parser, Debug)]
 #[command(group(ArgGroup::new("heartbeat").required(true).args(["heartbeat_key", "service"])))]
 struct Args {
-    /// Redis URL holding the heartbeat and the buffer.
+    /// Redis URL holding the heartbeat and the buffer: `redis://`, `rediss://`,
+    /// `redis+cluster://host:port,...` or
+    /// `redis+sentinel://host:port,.../<master>`.
     #[arg(long, env = "REDIS_URL", hide_env_values = true)]
     redis: String,
     /// Watch this exact key (string or hash); the buffer's name is derived from it as the gateway does.
@@ -126,7 +130,7 @@ async fn main() -> Result<(), Box<dyn Error>> {
     };
 
     let shutdown = common::shutdown_signal()?; // installed before anyone can see us ready
-    let watcher = Watcher::connect(redis::Client::open(args.redis.as_str())?).await?;
+    let watcher = Watcher::connect(Backend::open(&args.redis)?).await?;
     let builder = Replayer::builder(&watcher, &target).await?.config(config);
     match watcher.watch(&target).await.health() {
         Health::Unknown => {

@@ -65,7 +65,7 @@ use tower::timeout::Timeout;
 use tower::ServiceExt;
 use tower_heartbeat_buffer::replay::ReplayConfig;
 use tower_heartbeat_buffer::{
-    DeliveryOrder, Health, HeartbeatBuffer, HeartbeatBufferLayer, RequestBody, Watcher,
+    Backend, DeliveryOrder, Health, HeartbeatBuffer, HeartbeatBufferLayer, RequestBody, Watcher,
     DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_QUEUE_LEN, DEFAULT_NAMESPACE,
 };
 use tower_http::trace::TraceLayer;
@@ -82,7 +82,9 @@ struct Args {
     /// Base URL of the target, `http://host:port` (no path): requests keep their own path and query.
     #[arg(long, value_parser = parse_target)]
     target: Uri,
-    /// Redis URL holding the heartbeat and the buffer.
+    /// Redis URL holding the heartbeat and the buffer: `redis://`, `rediss://`,
+    /// `redis+cluster://host:port,...` or
+    /// `redis+sentinel://host:port,.../<master>`.
     #[arg(long, env = "REDIS_URL", hide_env_values = true)]
     redis: String,
     /// Watch this exact key (string or hash); the buffer's name is derived from it.
@@ -163,7 +165,7 @@ async fn main() -> Result<(), Box<dyn Error>> {
     };
 
     // The first read of the heartbeat happens in `build`, before we listen.
-    let watcher = Watcher::connect(redis::Client::open(args.redis.as_str())?).await?;
+    let watcher = Watcher::connect(Backend::open(&args.redis)?).await?;
     let order = match args.relaxed {
         true => DeliveryOrder::Relaxed,
         false => DeliveryOrder::Strict,

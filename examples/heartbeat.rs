@@ -24,13 +24,15 @@ use std::error::Error;
 use std::time::Duration;
 
 use clap::Parser;
-use tower_heartbeat_buffer::{Heartbeat, Target, DEFAULT_NAMESPACE};
+use tower_heartbeat_buffer::{Backend, Heartbeat, Target, DEFAULT_NAMESPACE};
 use tracing::error;
 
 /// Keeps a target's heartbeat key alive in Redis until stopped.
 #[derive(Parser, Debug)]
 struct Args {
-    /// Redis URL holding the heartbeat.
+    /// Redis URL holding the heartbeat: `redis://`, `rediss://`,
+    /// `redis+cluster://host:port,...` or
+    /// `redis+sentinel://host:port,.../<master>`.
     #[arg(long, env = "REDIS_URL", hide_env_values = true)]
     redis: String,
     /// The target `NAME`: its heartbeat key is `<namespace>:{NAME}:hb`.
@@ -61,7 +63,7 @@ async fn main() -> Result<(), Box<dyn Error>> {
     builder = builder.version(env!("CARGO_PKG_VERSION"));
 
     let shutdown = common::shutdown_signal()?; // installed before the key exists
-    let heartbeat = builder.start(redis::Client::open(args.redis.as_str())?)?;
+    let heartbeat = builder.start(Backend::open(&args.redis)?)?;
     tokio::pin!(shutdown);
     // While Redis does not answer, the heartbeat keeps retrying (and logs
     // it); a signal stops the wait.

@@ -113,19 +113,23 @@ impl Backend {
     /// - `redis://`, `rediss://` (feature `tls`), `unix://`: one server, as
     ///   [`redis::Client::open`] reads it.
     /// - `redis+cluster://[user:password@]host:port,host:port,...`: a Redis
-    ///   Cluster, reached through any of the seed nodes listed.
+    ///   Cluster, reached through any of the seed nodes listed
+    ///   (`rediss+cluster://` for TLS, feature `tls`).
     /// - `redis+sentinel://[user:password@]host:port,host:port,.../master[/db]`:
     ///   the primary that the listed sentinels know as `master`. The
     ///   credentials and database are the primary's; the sentinels are
     ///   asked without authentication (see [`Backend::sentinel_with`]).
     pub fn open(url: &str) -> Result<Self, InvalidConfig> {
-        if let Some(rest) = url.strip_prefix("redis+cluster://") {
+        let cluster = [("redis+cluster://", "redis"), ("rediss+cluster://", "rediss")]
+            .into_iter()
+            .find_map(|(prefix, scheme)| url.strip_prefix(prefix).map(|rest| (rest, scheme)));
+        if let Some((rest, scheme)) = cluster {
             let (auth, hosts) = split_auth(rest);
             let hosts = hosts.trim_end_matches('/');
             let nodes: Vec<String> = hosts
                 .split(',')
                 .filter(|h| !h.is_empty())
-                .map(|h| format!("redis://{auth}{h}/"))
+                .map(|h| format!("{scheme}://{auth}{h}/"))
                 .collect();
             if nodes.is_empty() {
                 return Err(InvalidConfig::new(format!("{}: no seed node", redact(url))));
