@@ -120,9 +120,12 @@ impl Backend {
     ///   credentials and database are the primary's; the sentinels are
     ///   asked without authentication (see [`Backend::sentinel_with`]).
     pub fn open(url: &str) -> Result<Self, InvalidConfig> {
-        let cluster = [("redis+cluster://", "redis"), ("rediss+cluster://", "rediss")]
-            .into_iter()
-            .find_map(|(prefix, scheme)| url.strip_prefix(prefix).map(|rest| (rest, scheme)));
+        let cluster = [
+            ("redis+cluster://", "redis"),
+            ("rediss+cluster://", "rediss"),
+        ]
+        .into_iter()
+        .find_map(|(prefix, scheme)| url.strip_prefix(prefix).map(|rest| (rest, scheme)));
         if let Some((rest, scheme)) = cluster {
             let (auth, hosts) = split_auth(rest);
             let hosts = hosts.trim_end_matches('/');
@@ -243,6 +246,13 @@ impl Backend {
             Kind::Cluster(_) => 0,
             Kind::Sentinel { node, .. } => node.db(),
         }
+    }
+
+    /// A handle on the data connection every clone shares, for commands of
+    /// your own (admin tools, tests): it routes by key on a cluster and
+    /// follows the primary behind Sentinel. Opened lazily; cheap to clone.
+    pub fn connection(&self) -> Result<BackendConnection, RedisError> {
+        self.data().map(BackendConnection)
     }
 
     /// The connection every clone shares, for commands (no subscriptions).
@@ -413,6 +423,59 @@ fn single_manager(
         .map_err(|e| RedisError::new("connect", e))
 }
 
+/// A connection to wherever a [`Backend`] points, from
+/// [`Backend::connection`]: use it as any redis-rs async connection
+/// (`query_async(&mut conn)`). Commands are routed by their key on a
+/// cluster; [`scan`](Self::scan) covers every primary.
+#[derive(Clone)]
+pub struct BackendConnection(Conn);
+
+impl BackendConnection {
+    /// Every key matching `pattern`, by `SCAN` (never `KEYS`) on the one
+    /// server or on every primary of a cluster; sorted, without duplicates.
+    pub async fn scan(&mut self, pattern: &str) -> Result<Vec<String>, RedisError> {
+        self.0
+            .scan_all(pattern)
+            .await
+            .map_err(|e| RedisError::new("scan", e))
+    }
+}
+
+impl ConnectionLike for BackendConnection {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        self.0.req_packed_command(cmd)
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        self.0.req_packed_commands(pipeline, offset, count)
+    }
+
+    fn get_db(&self) -> i64 {
+        self.0.get_db()
+    }
+}
+
+impl fmt::Debug for BackendConnection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let kind = match self.0 {
+            Conn::Single(_) => "single",
+            Conn::Cluster(_) => "cluster",
+            Conn::Sentinel(_) => "sentinel",
+        };
+        f.debug_struct("BackendConnection")
+            .field("kind", &kind)
+            .finish()
+    }
+}
+
+/// Keys per `SCAN` call.
+const SCAN_COUNT: usize = 1000;
+
 /// A connection to wherever the [`Backend`] points: cheap to clone (clones
 /// share the underlying multiplexed connections), reconnects by itself.
 #[derive(Clone)]
@@ -471,6 +534,77 @@ impl Conn {
             }
             _ => cmd.query_async(self).await,
         }
+    }
+
+    /// `SCAN MATCH pattern` to the end, on every primary of a cluster.
+    async fn scan_all(&mut self, pattern: &str) -> redis::RedisResult<Vec<String>> {
+        let nodes: Vec<Option<(String, u16)>> = match self {
+            Conn::Cluster(c) => {
+                // Each range: [start, end, [host, port, id, ...], replicas...].
+                let slots: Value = c
+                    .route_command(
+                        redis::cmd("CLUSTER").arg("SLOTS").clone(),
+                        RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random),
+                    )
+                    .await?;
+                let mut primaries = BTreeSet::new();
+                if let Value::Array(ranges) = slots {
+                    for range in ranges {
+                        if let Value::Array(parts) = range {
+                            if let Some(Value::Array(primary)) = parts.get(2) {
+                                if let (Some(host), Some(Value::Int(port))) =
+                                    (primary.first(), primary.get(1))
+                                {
+                                    let host = match host {
+                                        Value::BulkString(b) => {
+                                            String::from_utf8_lossy(b).into_owned()
+                                        }
+                                        Value::SimpleString(s) => s.clone(),
+                                        _ => continue,
+                                    };
+                                    if let Ok(port) = u16::try_from(*port) {
+                                        primaries.insert((host, port));
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+                primaries.into_iter().map(Some).collect()
+            }
+            _ => vec![None],
+        };
+        let mut keys = Vec::new();
+        for node in nodes {
+            let mut cursor: u64 = 0;
+            loop {
+                let mut cmd = redis::cmd("SCAN");
+                cmd.arg(cursor)
+                    .arg("MATCH")
+                    .arg(pattern)
+                    .arg("COUNT")
+                    .arg(SCAN_COUNT);
+                let (next, found): (u64, Vec<Vec<u8>>) = match (&node, &mut *self) {
+                    (Some((host, port)), Conn::Cluster(c)) => {
+                        let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
+                            host: host.clone(),
+                            port: *port,
+                        });
+                        let value = c.route_command(cmd, routing).await?;
+                        redis::FromRedisValue::from_redis_value(value)?
+                    }
+                    _ => cmd.query_async(self).await?,
+                };
+                keys.extend(found.into_iter().filter_map(|k| String::from_utf8(k).ok()));
+                cursor = next;
+                if cursor == 0 {
+                    break;
+                }
+            }
+        }
+        keys.sort();
+        keys.dedup();
+        Ok(keys)
     }
 
     /// Runs `cmd` on every node (every server of a cluster, primaries and

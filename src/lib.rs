@@ -154,7 +154,7 @@ mod service;
 mod sync;
 pub mod target;
 
-pub use backend::Backend;
+pub use backend::{Backend, BackendConnection};
 pub use body::{BoxError, RequestBody, ResponseBody};
 pub use error::{InvalidConfig, InvalidName, MalformedEntry, NameKind, RedisError};
 pub use future::ResponseFuture;

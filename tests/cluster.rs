@@ -46,16 +46,17 @@ struct Lane {
     layer: HeartbeatBufferLayer,
 }
 
-async fn lane(watcher: &Watcher, name: &str) -> Lane {
+/// A target with its HTTP server and layer; `replicas`: `WAIT` for that
+/// many after each write.
+async fn lane(watcher: &Watcher, name: &str, replicas: Option<u32>) -> Lane {
     let target = Target::new(name).unwrap();
     let http = HttpTarget::start().await;
-    let layer = HeartbeatBufferLayer::builder(target.clone())
-        // Every 202 is on a replica too, so a failover cannot take it.
-        .wait_for_replicas(1, Duration::from_secs(2))
-        .redis_timeout(Duration::from_secs(2))
-        .build(watcher)
-        .await
-        .unwrap();
+    let mut builder =
+        HeartbeatBufferLayer::builder(target.clone()).redis_timeout(Duration::from_secs(2));
+    if let Some(replicas) = replicas {
+        builder = builder.wait_for_replicas(replicas, Duration::from_secs(2));
+    }
+    let layer = builder.build(watcher).await.unwrap();
     let service = layer.clone().layer(hyper_client());
     Lane {
         target,
@@ -107,7 +108,8 @@ async fn targets_on_three_nodes_drain_through_a_primary_kill() {
     let watcher = Watcher::connect(backend.clone()).await.unwrap();
     let mut lanes = Vec::new();
     for name in &names {
-        lanes.push(lane(&watcher, name).await);
+        // Every 202 is on a replica too, so a failover cannot take it.
+        lanes.push(lane(&watcher, name, Some(1)).await);
     }
     let mut admin = cluster_conn(&cluster).await;
     let primaries: Vec<usize> = lanes
@@ -390,4 +392,47 @@ async fn notification_flags_are_checked_and_set_on_every_node() {
         .query(&mut cluster.node(2).conn())
         .unwrap();
     assert!(flags[1].contains('K'), "node 2 configured too: {flags:?}");
+}
+
+#[cfg(feature = "cli")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thb_lists_targets_on_every_node() {
+    let cluster = RedisCluster::start(3, 0);
+    let names = cluster.keys_on_distinct_primaries(3);
+    let watcher = Watcher::connect(Backend::cluster(cluster.seed_urls()).unwrap())
+        .await
+        .unwrap();
+    for (n, name) in names.iter().enumerate() {
+        let mut lane = lane(&watcher, name, None).await;
+        buffer(&mut lane, n + 1).await;
+    }
+    let hosts: Vec<String> = cluster
+        .nodes()
+        .iter()
+        .map(|n| format!("127.0.0.1:{}", n.port()))
+        .collect();
+    let url = format!("redis+cluster://{}", hosts.join(","));
+    let output = tokio::task::block_in_place(|| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_thb"))
+            .args(["--redis", &url, "--json", "targets"])
+            .env_remove("REDIS_URL")
+            .output()
+            .unwrap()
+    });
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    for (n, name) in names.iter().enumerate() {
+        let row = json
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["target"] == name.as_str())
+            .unwrap_or_else(|| panic!("{name} not listed: {json:#}"));
+        assert_eq!(row["queue"], n + 1, "{row}");
+    }
 }

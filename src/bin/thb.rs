@@ -28,20 +28,17 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use redis::aio::MultiplexedConnection;
-use redis::{AsyncConnectionConfig, FromRedisValue, Value};
+use redis::{FromRedisValue, Value};
 use serde_json::{json, Value as Json};
 use tower_heartbeat_buffer::envelope::Envelope;
 use tower_heartbeat_buffer::heartbeat::{read_heartbeat_keys, HeartbeatKeyState};
 use tower_heartbeat_buffer::replay::{DeadLetter, DeadLetters};
-use tower_heartbeat_buffer::{HeartbeatSource, InvalidName, RedisError, Target, DEFAULT_NAMESPACE};
+use tower_heartbeat_buffer::{
+    Backend, BackendConnection, HeartbeatSource, InvalidName, RedisError, Target, DEFAULT_NAMESPACE,
+};
 
 /// Longest wait for the connection (TCP, TLS, AUTH) to be established.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
-/// Longest wait for one command's reply.
-const RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
-/// Keys per `SCAN` call.
-const SCAN_COUNT: usize = 1000;
 /// The consumer group the replayers of a target share on its queue.
 const GROUP: &str = tower_heartbeat_buffer::replay::CONSUMER_GROUP;
 /// Body bytes shown by `peek`.
@@ -324,7 +321,7 @@ async fn run(cli: Cli) -> Result<String, Failure> {
         }
         (Command::Dead { action }, Some(target)) => {
             redis.require(&target).await?;
-            let dead = DeadLetters::new(redis.client.clone(), &target)?;
+            let dead = DeadLetters::new(redis.backend.clone(), &target)?;
             match action {
                 DeadCommand::List { count, .. } => {
                     let now = redis.now_ms().await?;
@@ -428,10 +425,10 @@ fn parse_stream_id(id: &str) -> Option<(u64, u64)> {
 // ---------------------------------------------------------------------------
 // Redis
 
-/// The connection, and the client it came from (for [`DeadLetters`]).
+/// The connection, and where it goes (for [`DeadLetters`]).
 struct Redis {
-    client: redis::Client,
-    conn: MultiplexedConnection,
+    backend: Backend,
+    conn: BackendConnection,
 }
 
 /// What one heartbeat key said, judged by the library (the watcher's own
@@ -589,21 +586,19 @@ impl Redis {
             url: redact(url),
             reason,
         };
-        let client = redis::Client::open(url).map_err(|e| unreachable(redis_reason(&e)))?;
-        let config = AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(CONNECT_TIMEOUT))
-            .set_response_timeout(Some(RESPONSE_TIMEOUT));
+        // One server, a cluster or Sentinel, by the URL's scheme.
+        let backend = Backend::open(url).map_err(|e| unreachable(e.to_string()))?;
+        let mut conn = backend
+            .connection()
+            .map_err(|e| unreachable(e.to_string()))?;
         let attempt = async {
-            let mut conn = client
-                .get_multiplexed_async_connection_with_config(&config)
-                .await?;
             redis::cmd("PING").query_async::<()>(&mut conn).await?;
-            Ok::<_, redis::RedisError>(conn)
+            Ok::<_, redis::RedisError>(())
         };
         // Name resolution is not covered by the connection timeout.
         let conn =
             match tokio::time::timeout(CONNECT_TIMEOUT + Duration::from_secs(1), attempt).await {
-                Ok(Ok(conn)) => conn,
+                Ok(Ok(())) => conn,
                 Ok(Err(e)) => return Err(unreachable(redis_reason(&e))),
                 Err(_) => {
                     return Err(unreachable(format!(
@@ -612,7 +607,7 @@ impl Redis {
                     )))
                 }
             };
-        Ok(Self { client, conn })
+        Ok(Self { backend, conn })
     }
 
     async fn query<T: FromRedisValue>(
@@ -634,25 +629,10 @@ impl Redis {
     /// Every key matching `pattern` (a whole `SCAN`, never `KEYS`); keys
     /// that are not UTF-8 cannot belong to a target and are skipped.
     async fn scan(&mut self, pattern: &str) -> Result<Vec<String>, Failure> {
-        let mut keys = Vec::new();
-        let mut cursor: u64 = 0;
-        loop {
-            let mut cmd = redis::cmd("SCAN");
-            cmd.arg(cursor)
-                .arg("MATCH")
-                .arg(pattern)
-                .arg("COUNT")
-                .arg(SCAN_COUNT);
-            let (next, found): (u64, Vec<Vec<u8>>) = self.query("SCAN", &cmd).await?;
-            keys.extend(found.into_iter().filter_map(|k| String::from_utf8(k).ok()));
-            cursor = next;
-            if cursor == 0 {
-                break;
-            }
-        }
-        keys.sort();
-        keys.dedup();
-        Ok(keys)
+        self.conn
+            .scan(pattern)
+            .await
+            .map_err(|e| Failure::Failed(format!("redis {e}")))
     }
 
     /// Finds the targets of `namespace` from their heartbeat, queue and
