@@ -15,7 +15,8 @@ use support::layer_rig::{call, Buffered};
 use support::{hyper_client, wait_until, HttpTarget, RedisCluster, Reply};
 use tower_heartbeat_buffer::replay::{ReplayConfig, ReplayHandle};
 use tower_heartbeat_buffer::{
-    Backend, Health, HeartbeatBufferLayer, NotificationMode, RequestBody, Target, Watcher,
+    Backend, Health, Heartbeat, HeartbeatBufferLayer, NotificationMode, RequestBody, Target,
+    Watcher,
 };
 use tower_layer::Layer;
 
@@ -434,5 +435,28 @@ async fn thb_lists_targets_on_every_node() {
             .find(|t| t["target"] == name.as_str())
             .unwrap_or_else(|| panic!("{name} not listed: {json:#}"));
         assert_eq!(row["queue"], n + 1, "{row}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_heartbeat_published_through_the_cluster_is_watched_there() {
+    let cluster = RedisCluster::start(3, 0);
+    let backend = Backend::cluster(cluster.seed_urls()).unwrap();
+    let watcher = Watcher::connect(backend.clone()).await.unwrap();
+    for name in cluster.keys_on_distinct_primaries(3) {
+        let target = Target::new(&name).unwrap();
+        let view = watcher.watch(&target).await;
+        let heartbeat = Heartbeat::builder(target.clone())
+            .ttl(Duration::from_secs(2))
+            .start(backend.clone())
+            .unwrap();
+        tokio::time::timeout(Duration::from_secs(5), view.wait_for(Health::Up))
+            .await
+            .unwrap_or_else(|_| panic!("{target}: published heartbeat not seen"));
+        // A graceful stop deletes the key: seen at once.
+        heartbeat.shutdown().await.unwrap();
+        tokio::time::timeout(Duration::from_secs(1), view.wait_for(Health::Down))
+            .await
+            .unwrap_or_else(|_| panic!("{target}: stop not seen"));
     }
 }
