@@ -210,6 +210,27 @@ pub enum ReplayEventKind {
     Skipped,
 }
 
+/// A replayer's event channel, allocated when the first receiver asks for
+/// it: its 1024 slots were most of an idle replayer's memory (about 120 KiB),
+/// paid by every replayer that nobody listens to.
+#[derive(Clone, Default)]
+pub(crate) struct Events(Arc<std::sync::OnceLock<broadcast::Sender<ReplayEvent>>>);
+
+impl Events {
+    /// Sends the event built by `event`, which runs only when someone listens.
+    pub(crate) fn send(&self, event: impl FnOnce() -> ReplayEvent) {
+        if let Some(tx) = self.0.get() {
+            if tx.receiver_count() > 0 {
+                let _ = tx.send(event());
+            }
+        }
+    }
+
+    fn subscribe(&self) -> broadcast::Receiver<ReplayEvent> {
+        self.0.get_or_init(|| broadcast::channel(1024).0).subscribe()
+    }
+}
+
 /// Counters of one replayer.
 #[derive(Debug, Default)]
 pub(crate) struct Stats {
@@ -270,7 +291,7 @@ impl ReplayerBuilder {
         RB::Data: Send,
     {
         let (shutdown_tx, shutdown) = watch::channel(false);
-        let (events, _) = broadcast::channel(1024);
+        let events = Events::default();
         let stats = Arc::new(Stats::default());
         let grace = self.config.grace;
         let consumer = self
@@ -337,7 +358,7 @@ pub struct ReplayHandle {
     consumer: String,
     grace: Duration,
     shutdown: watch::Sender<bool>,
-    events: broadcast::Sender<ReplayEvent>,
+    events: Events,
     stats: Arc<Stats>,
     task: Option<JoinHandle<()>>,
 }

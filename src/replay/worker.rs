@@ -10,7 +10,7 @@ use futures_util::stream::{self, StreamExt};
 use http::header::HeaderValue;
 use http::{HeaderName, Request, Response};
 use http_body::Body;
-use tokio::sync::{broadcast, mpsc, watch};
+use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
 use super::policy::{Attempt, ReplayPolicy, Verdict};
@@ -40,7 +40,7 @@ pub(crate) struct Worker<S, B> {
     config: ReplayConfig,
     policy: Arc<dyn ReplayPolicy>,
     consumer: String,
-    events: broadcast::Sender<ReplayEvent>,
+    events: super::Events,
     shutdown: watch::Receiver<bool>,
     stats: Arc<Stats>,
     metrics: ReplayMetrics,
@@ -77,7 +77,7 @@ where
         config: ReplayConfig,
         policy: Arc<dyn ReplayPolicy>,
         consumer: String,
-        events: broadcast::Sender<ReplayEvent>,
+        events: super::Events,
         shutdown: watch::Receiver<bool>,
         stats: Arc<Stats>,
     ) -> Self {
@@ -489,7 +489,7 @@ where
                 }
                 None => continue,
             };
-            let _ = self.events.send(ReplayEvent {
+            self.events.send(|| ReplayEvent {
                 id: s.request_id,
                 entry_id: s.entry_id,
                 kind,
@@ -753,7 +753,7 @@ where
     }
 
     fn emit(&self, entry: &RawEntry, id: &str, kind: ReplayEventKind) {
-        let _ = self.events.send(ReplayEvent {
+        self.events.send(|| ReplayEvent {
             id: id.to_owned(),
             entry_id: entry.entry_id.clone(),
             kind,
