@@ -322,6 +322,7 @@ impl Backend {
                 .map_err(|e| RedisError::new("sentinel connect", e))?;
                 Ok(Conn::Sentinel(Arc::new(SentinelConn {
                     sentinels: tokio::sync::Mutex::new(client),
+                    db: node.db(),
                     current: Mutex::new(Current::default()),
                     push,
                     response_timeout,
@@ -681,7 +682,7 @@ impl ConnectionLike for Conn {
         match self {
             Conn::Single(c) => c.get_db(),
             Conn::Cluster(c) => c.get_db(),
-            Conn::Sentinel(_) => 0,
+            Conn::Sentinel(s) => s.db,
         }
     }
 }
@@ -721,6 +722,8 @@ struct Current {
 /// The primary behind a set of sentinels, looked up again when it fails.
 pub(crate) struct SentinelConn {
     sentinels: tokio::sync::Mutex<SentinelClient>,
+    /// The primary's logical database.
+    db: i64,
     current: Mutex<Current>,
     push: Option<PushHandler>,
     response_timeout: Duration,
