@@ -311,17 +311,10 @@ impl Backend {
                 sentinels,
                 node,
             } => {
-                let node_info =
-                    SentinelNodeConnectionInfo::default().set_redis_connection_info(node.clone());
-                let client = SentinelClient::build(
-                    sentinels.clone(),
-                    master.clone(),
-                    Some(node_info),
-                    SentinelServerType::Master,
-                )
-                .map_err(|e| RedisError::new("sentinel connect", e))?;
+                let lookup = SentinelLookup::new(sentinels.clone(), master.clone(), node.clone())
+                    .map_err(|e| RedisError::new("sentinel connect", e))?;
                 Ok(Conn::Sentinel(Arc::new(SentinelConn {
-                    sentinels: tokio::sync::Mutex::new(client),
+                    sentinels: tokio::sync::Mutex::new(lookup),
                     db: node.db(),
                     current: Mutex::new(Current::default()),
                     push,
@@ -720,8 +713,56 @@ struct Current {
 }
 
 /// The primary behind a set of sentinels, looked up again when it fails.
+/// Asks the sentinels, in turn.
+struct SentinelLookup {
+    client: SentinelClient,
+    /// The sentinels, the first one asked first.
+    addrs: Vec<ConnectionInfo>,
+    master: String,
+    node: redis::RedisConnectionInfo,
+}
+
+impl SentinelLookup {
+    fn new(
+        addrs: Vec<ConnectionInfo>,
+        master: String,
+        node: redis::RedisConnectionInfo,
+    ) -> redis::RedisResult<Self> {
+        let client = Self::client(&addrs, &master, &node)?;
+        Ok(Self {
+            client,
+            addrs,
+            master,
+            node,
+        })
+    }
+
+    fn client(
+        addrs: &[ConnectionInfo],
+        master: &str,
+        node: &redis::RedisConnectionInfo,
+    ) -> redis::RedisResult<SentinelClient> {
+        SentinelClient::build(
+            addrs.to_vec(),
+            master.to_owned(),
+            Some(SentinelNodeConnectionInfo::default().set_redis_connection_info(node.clone())),
+            SentinelServerType::Master,
+        )
+    }
+
+    /// After a failed lookup, starts the next one at the next sentinel: the
+    /// client asks them in order, so one that hangs (rather than refusing
+    /// connections) would otherwise stall every lookup behind it.
+    fn rotate(&mut self) {
+        self.addrs.rotate_left(1);
+        if let Ok(client) = Self::client(&self.addrs, &self.master, &self.node) {
+            self.client = client;
+        }
+    }
+}
+
 pub(crate) struct SentinelConn {
-    sentinels: tokio::sync::Mutex<SentinelClient>,
+    sentinels: tokio::sync::Mutex<SentinelLookup>,
     /// The primary's logical database.
     db: i64,
     current: Mutex<Current>,
@@ -733,26 +774,40 @@ pub(crate) struct SentinelConn {
 
 impl SentinelConn {
     /// The current primary's connection, looking it up when there is none.
-    async fn primary(&self) -> redis::RedisResult<(u64, ConnectionManager)> {
-        {
-            let current = lock(&self.current);
-            if let Some(conn) = &current.conn {
-                return Ok((current.generation, conn.clone()));
-            }
-            if current
-                .failed_at
-                .is_some_and(|at| at.elapsed() < SENTINEL_RETRY)
-            {
-                return Err(no_primary("the last sentinel lookup failed moments ago"));
-            }
+    async fn primary(self: &Arc<Self>) -> redis::RedisResult<(u64, ConnectionManager)> {
+        if let Some(known) = self.known()? {
+            return Ok(known);
         }
+        // The lookup runs in a task of its own: callers give up after their
+        // own timeouts (often shorter than a lookup that must skip a hung
+        // sentinel), and a lookup cancelled with them would never finish.
+        let this = Arc::clone(self);
+        match tokio::spawn(async move { this.look_up_once().await }).await {
+            Ok(result) => result,
+            Err(e) => Err(no_primary(&format!("the lookup task failed: {e}"))),
+        }
+    }
+
+    /// The current primary; an error when a lookup failed moments ago.
+    fn known(&self) -> redis::RedisResult<Option<(u64, ConnectionManager)>> {
+        let current = lock(&self.current);
+        if let Some(conn) = &current.conn {
+            return Ok(Some((current.generation, conn.clone())));
+        }
+        if current
+            .failed_at
+            .is_some_and(|at| at.elapsed() < SENTINEL_RETRY)
+        {
+            return Err(no_primary("the last sentinel lookup failed moments ago"));
+        }
+        Ok(None)
+    }
+
+    async fn look_up_once(&self) -> redis::RedisResult<(u64, ConnectionManager)> {
         // One lookup at a time; whoever waited behind it uses its result.
         let mut sentinels = self.sentinels.lock().await;
-        {
-            let current = lock(&self.current);
-            if let Some(conn) = &current.conn {
-                return Ok((current.generation, conn.clone()));
-            }
+        if let Some(known) = self.known()? {
+            return Ok(known);
         }
         let looked_up =
             match tokio::time::timeout(SENTINEL_LOOKUP, self.look_up(&mut sentinels)).await {
@@ -783,6 +838,7 @@ impl SentinelConn {
                 Ok((generation, conn))
             }
             Err(e) => {
+                sentinels.rotate();
                 lock(&self.current).failed_at = Some(Instant::now());
                 Err(e)
             }
@@ -791,11 +847,11 @@ impl SentinelConn {
 
     async fn look_up(
         &self,
-        sentinels: &mut SentinelClient,
+        sentinels: &mut SentinelLookup,
     ) -> redis::RedisResult<ConnectionManager> {
         // Asks the sentinels, then checks that the node they name says it
         // is a primary.
-        let client = sentinels.async_get_client().await?;
+        let client = sentinels.client.async_get_client().await?;
         let conn = single_manager(&client, self.push.as_ref(), self.response_timeout)
             .map_err(|e| no_primary(&e.to_string()))?;
         let mut probe = conn.clone();
@@ -845,7 +901,7 @@ impl SentinelConn {
         }
     }
 
-    async fn subscription(&self, sub: Sub, on: bool) -> redis::RedisResult<()> {
+    async fn subscription(self: &Arc<Self>, sub: Sub, on: bool) -> redis::RedisResult<()> {
         {
             let mut subs = lock(&self.subscriptions);
             let set = match &sub {

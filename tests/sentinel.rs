@@ -253,3 +253,51 @@ async fn the_watcher_follows_the_new_primary() {
         .await
         .expect("DEL on the new primary not seen");
 }
+
+/// The sentinels are asked in turn: one that hangs (stopped, not dead: it
+/// accepts connections and never answers) must not stall the lookup of the
+/// new primary behind it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_sentinel_does_not_hide_the_new_primary() {
+    let mut setup = SentinelSetup::start(MASTER);
+    let watcher = Watcher::connect(Backend::sentinel(MASTER, setup.sentinel_urls()).unwrap())
+        .await
+        .unwrap();
+    let http = HttpTarget::start().await;
+    let target = Target::new("orders").unwrap();
+    let mut plain = service(&watcher, &target, None).await;
+    assert_eq!(post(&mut plain, &http, "first").await, StatusCode::ACCEPTED);
+
+    // The first sentinel of the list hangs; the other two still make a
+    // quorum and fail over.
+    let hung = setup.sentinels()[0].pid().unwrap();
+    let signal = |sig: &str| {
+        let status = std::process::Command::new("kill")
+            .args([sig, &hung.to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    };
+    signal("-STOP");
+    setup.kill_primary();
+    let deadline = Instant::now() + Duration::from_secs(45);
+    let mut after = 0;
+    while after < 10 {
+        assert!(
+            Instant::now() < deadline,
+            "no 202 from the new primary with the first sentinel hung"
+        );
+        let request = Request::post(format!("{}/o", http.url()))
+            .body(Full::new(Bytes::from_static(b"x")))
+            .unwrap();
+        let out = call(&mut plain, request).await.unwrap();
+        match out.status {
+            StatusCode::ACCEPTED => after += 1,
+            _ => {
+                eprintln!("{:?} {}", out.status, String::from_utf8_lossy(&out.body));
+                tokio::time::sleep(Duration::from_millis(500)).await
+            }
+        }
+    }
+    signal("-CONT");
+}
