@@ -50,15 +50,18 @@ struct Tally {
     refused: usize,
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn calls_resume_on_the_new_primary_and_every_202_survives_with_wait() {
+/// A caller buffering in a loop; the primary SIGKILLed after 200 `202`s;
+/// the old primary restarted (it comes back as a replica); returns the
+/// keys answered `202` that the new primary does not hold, after 100 more
+/// `202`s from it.
+async fn failover_mid_buffering(wait: Option<Duration>) -> Vec<String> {
     let mut setup = SentinelSetup::start(MASTER);
     let backend = Backend::sentinel(MASTER, setup.sentinel_urls()).unwrap();
     let watcher = Watcher::connect(backend).await.unwrap();
     let http = HttpTarget::start().await;
     // No heartbeat: the target is down, every POST is buffered.
     let target = Target::new("orders").unwrap();
-    let mut service = service(&watcher, &target, Some(Duration::from_millis(500))).await;
+    let mut service = service(&watcher, &target, wait).await;
 
     // The caller: POSTs in a loop until told to stop.
     let tally = Arc::new(Mutex::new(Tally::default()));
@@ -118,22 +121,37 @@ async fn calls_resume_on_the_new_primary_and_every_202_survives_with_wait() {
 
     let tally = tally.lock().unwrap();
     let present = stored_keys(&setup, new_port, &target);
-    let lost: Vec<&String> = tally
+    let lost: Vec<String> = tally
         .accepted
         .iter()
-        .map(|(k, _)| k)
-        .filter(|k| !present.contains(*k))
+        .map(|(k, _)| k.clone())
+        .filter(|k| !present.contains(k))
         .collect();
     println!(
-        "sentinel failover with WAIT 1: accepted={} refused={} lost={} failover={failover_took:?} 100_more_accepted_after={resumed_after:?}",
+        "sentinel failover mid-buffering, wait_for_replicas={wait:?}: accepted={} refused={} lost={} failover={failover_took:?} 100_more_accepted_after={resumed_after:?}",
         tally.accepted.len(),
         tally.refused,
         lost.len(),
     );
+    lost
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_resume_on_the_new_primary_and_every_202_survives_with_wait() {
+    let lost = failover_mid_buffering(Some(Duration::from_millis(500))).await;
     assert!(
         lost.is_empty(),
         "answered 202 but gone after the failover: {lost:?}"
     );
+}
+
+/// Without `WAIT`, a failover can lose what was answered `202` within the
+/// replication lag; on loopback that window is tiny. The figure is printed
+/// (`--nocapture`), not asserted: it depends on timing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_resume_on_the_new_primary_without_wait() {
+    let lost = failover_mid_buffering(None).await;
+    println!("lost without WAIT: {}", lost.len());
 }
 
 /// A replica cut off from its primary (a partition, or one that fell
