@@ -60,7 +60,9 @@ return {holder, redis.call('PTTL', KEYS[1])}
 #[derive(Parser, Debug)]
 #[command(name = "thb", version)]
 struct Cli {
-    /// Redis URL, e.g. redis://127.0.0.1:6379/
+    /// Redis URL: redis://127.0.0.1:6379/, rediss://..., a cluster
+    /// (redis+cluster://host:port,host:port) or Sentinel
+    /// (redis+sentinel://host:port,host:port/<master>)
     #[arg(
         long = "redis",
         value_name = "URL",
