@@ -36,10 +36,9 @@ mod common;
 
 use std::collections::{BTreeSet, HashMap};
 use std::error::Error;
-use std::io::{IsTerminal, Read, Seek, SeekFrom};
-use std::net::{SocketAddr, TcpListener as StdListener};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitCode, Stdio};
+use std::io::IsTerminal;
+use std::net::SocketAddr;
+use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -62,6 +61,8 @@ use tower_heartbeat_buffer::{
     RequestBody, Target, TargetView, Unavailable, Watcher, DEFAULT_NAMESPACE,
 };
 use tracing_subscriber::EnvFilter;
+
+use common::private_redis::PrivateRedis;
 
 /// The heartbeat's time to live: how long a crashed `orders` is still
 /// believed up.
@@ -610,12 +611,8 @@ enum Redis {
         url: String,
         namespace: String,
     },
-    Private {
-        child: Child,
-        url: String,
-        /// Holds redis.conf-less state: the AOF and the log; removed on drop.
-        _dir: tempfile::TempDir,
-    },
+    /// Killed, and its data dir removed, on drop.
+    Private(PrivateRedis),
 }
 
 impl Redis {
@@ -631,165 +628,35 @@ impl Redis {
             );
             return Ok(Redis::External { url, namespace });
         }
-        let bin = redis_server_bin()?;
-        let dir = tempfile::Builder::new()
-            .prefix("thb-demo-redis-")
-            .tempdir()
-            .map_err(|e| format!("cannot create a temp dir: {e}"))?;
-        let mut last_error = String::new();
-        for _ in 0..5 {
-            let port = free_port()?;
-            match start_redis(&bin, dir.path(), port) {
-                Ok(child) => {
-                    println!(
-                        "redis:  no REDIS_URL, so a private redis-server (pid {}) on 127.0.0.1:{port}\n        \
-                         data in {} (AOF, fsync on every write), stopped at the end",
-                        child.id(),
-                        dir.path().display()
-                    );
-                    return Ok(Redis::Private {
-                        child,
-                        url: format!("redis://127.0.0.1:{port}/"),
-                        _dir: dir,
-                    });
-                }
-                Err(StartError::PortBusy(log)) => last_error = log,
-                Err(StartError::Failed(message)) => return Err(message),
-            }
-        }
-        Err(format!(
-            "could not start redis-server on a free port:\n{last_error}"
-        ))
+        const INSTALL: &str = "install it with `sudo apt-get install redis-server` \
+            (or `brew install redis`), set REDIS_SERVER_BIN=/path/to/redis-server, \
+            or point REDIS_URL at a running Redis";
+        let redis = PrivateRedis::start("thb-demo-redis-", "the demo", INSTALL)?;
+        println!(
+            "redis:  no REDIS_URL, so a private redis-server (pid {}) on 127.0.0.1:{}\n        \
+             data in {} (AOF, fsync on every write), stopped at the end",
+            redis.pid(),
+            redis.port(),
+            redis.dir().display()
+        );
+        Ok(Redis::Private(redis))
     }
 
     fn url(&self) -> &str {
         match self {
-            Redis::External { url, .. } | Redis::Private { url, .. } => url,
+            Redis::External { url, .. } => url,
+            Redis::Private(redis) => redis.url(),
         }
     }
 
     fn namespace(&self) -> &str {
         match self {
             Redis::External { namespace, .. } => namespace,
-            Redis::Private { .. } => DEFAULT_NAMESPACE,
+            Redis::Private(_) => DEFAULT_NAMESPACE,
         }
     }
 
     fn is_private(&self) -> bool {
-        matches!(self, Redis::Private { .. })
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        if let Redis::Private { child, .. } = self {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-/// `$REDIS_SERVER_BIN`, else `redis-server` on `$PATH`.
-fn redis_server_bin() -> Result<PathBuf, String> {
-    const INSTALL: &str = "install it with `sudo apt-get install redis-server` \
-        (or `brew install redis`), set REDIS_SERVER_BIN=/path/to/redis-server, \
-        or point REDIS_URL at a running Redis";
-    if let Some(bin) = std::env::var_os("REDIS_SERVER_BIN").filter(|b| !b.is_empty()) {
-        let bin = PathBuf::from(bin);
-        return match bin.is_file() {
-            true => Ok(bin),
-            false => Err(format!(
-                "REDIS_SERVER_BIN={} is not a file: {INSTALL}",
-                bin.display()
-            )),
-        };
-    }
-    std::env::var_os("PATH")
-        .iter()
-        .flat_map(std::env::split_paths)
-        .map(|dir| dir.join("redis-server"))
-        .find(|candidate| candidate.is_file())
-        .ok_or_else(|| format!("the demo needs redis-server and found none on PATH: {INSTALL}"))
-}
-
-/// A port that was free on 127.0.0.1 a moment ago (never 6379).
-fn free_port() -> Result<u16, String> {
-    loop {
-        let listener = StdListener::bind(("127.0.0.1", 0))
-            .map_err(|e| format!("cannot bind 127.0.0.1:0: {e}"))?;
-        let port = listener.local_addr().map_err(|e| e.to_string())?.port();
-        if port != 6379 {
-            return Ok(port);
-        }
-    }
-}
-
-enum StartError {
-    PortBusy(String),
-    Failed(String),
-}
-
-/// Starts `redis-server` on `port` with its data in `dir`, and waits until
-/// it answers `PING`.
-fn start_redis(bin: &Path, dir: &Path, port: u16) -> Result<Child, StartError> {
-    let log = dir.join("redis.log");
-    let log_offset = std::fs::metadata(&log).map_or(0, |m| m.len());
-    let mut child = Command::new(bin)
-        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-        .args([
-            "--save",
-            "",
-            "--appendonly",
-            "yes",
-            "--appendfsync",
-            "always",
-        ])
-        .args(["--notify-keyspace-events", "KA", "--daemonize", "no"])
-        .arg("--dir")
-        .arg(dir)
-        .arg("--logfile")
-        .arg(&log)
-        .current_dir(dir)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .map_err(|e| StartError::Failed(format!("cannot run {}: {e}", bin.display())))?;
-    let tail = || {
-        let mut text = String::new();
-        if let Ok(mut file) = std::fs::File::open(&log) {
-            let _ = file.seek(SeekFrom::Start(log_offset));
-            let _ = file.read_to_string(&mut text);
-        }
-        text
-    };
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let client = redis::Client::open(format!("redis://127.0.0.1:{port}/"))
-        .map_err(|e| StartError::Failed(e.to_string()))?;
-    loop {
-        if let Ok(Some(status)) = child.try_wait() {
-            let log = tail();
-            return Err(match log.contains("Address already in use") {
-                true => StartError::PortBusy(log),
-                false => {
-                    StartError::Failed(format!("redis-server exited at startup ({status}):\n{log}"))
-                }
-            });
-        }
-        let pong = client
-            .get_connection_with_timeout(Duration::from_millis(200))
-            .and_then(|mut conn| redis::cmd("PING").query::<String>(&mut conn));
-        if pong.is_ok_and(|p| p == "PONG") {
-            return Ok(child);
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(StartError::Failed(format!(
-                "redis-server did not answer within 5 s:\n{}",
-                tail()
-            )));
-        }
-        std::thread::sleep(Duration::from_millis(10));
+        matches!(self, Redis::Private(_))
     }
 }

@@ -41,12 +41,12 @@
 //! Everything is torn down between rows (replayers shut down, layers and
 //! watcher dropped, keys deleted).
 
+#[allow(dead_code)]
+#[path = "common/mod.rs"]
+mod common;
+
 use std::collections::BTreeMap;
 use std::error::Error;
-use std::io::{Read, Seek, SeekFrom};
-use std::net::TcpListener;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -57,6 +57,8 @@ use redis::aio::MultiplexedConnection;
 use tower_heartbeat_buffer::replay::ReplayHandle;
 use tower_heartbeat_buffer::{Backend, HeartbeatBufferLayer, RequestBody, Target, Watcher};
 use tower_layer::Layer;
+
+use common::private_redis::PrivateRedis;
 
 type HttpClient = Client<HttpConnector, RequestBody<Full<Bytes>>>;
 
@@ -277,7 +279,7 @@ async fn measure(
         .metrics()
         .num_alive_tasks();
     let rss = rss_mib();
-    let (sent, sent_by_command) = monitor_sample(&redis.url, MONITOR_SAMPLE).await?;
+    let (sent, sent_by_command) = monitor_sample(redis.url(), MONITOR_SAMPLE).await?;
     Ok(Row {
         label,
         targets,
@@ -328,7 +330,7 @@ async fn run_case(
         cmd.exec_async(admin).await?;
     }
 
-    let backend = Backend::open(&redis.url)?;
+    let backend = Backend::open(redis.url())?;
     let watcher = Watcher::connect(backend).await?;
     let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
     let mut services = Vec::with_capacity(n);
@@ -377,16 +379,21 @@ async fn run_case(
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn Error>> {
     let args = parse_args();
-    let redis = PrivateRedis::start()?;
+    let redis = PrivateRedis::start(
+        "thb-idle-redis-",
+        "idle_targets",
+        "install it with `sudo apt-get install redis-server` (or `brew install redis`) \
+         or set REDIS_SERVER_BIN=/path/to/redis-server",
+    )?;
     println!(
         "idle_targets: private redis-server (pid {}) on {}, appendfsync always; {} CPUs; settle {:?}, window {:?}",
         redis.pid(),
-        redis.url,
+        redis.url(),
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         args.settle,
         args.window
     );
-    let mut admin = redis::Client::open(redis.url.as_str())?
+    let mut admin = redis::Client::open(redis.url())?
         .get_multiplexed_async_connection()
         .await?;
     redis::cmd("CLIENT")
@@ -463,145 +470,4 @@ async fn main() -> Result<(), Box<dyn Error>> {
         }
     }
     Ok(())
-}
-
-// ------------------------------------------------------------- redis-server
-
-/// A private `redis-server` on a free port in a temp dir; killed on drop.
-struct PrivateRedis {
-    child: Child,
-    url: String,
-    _dir: tempfile::TempDir,
-}
-
-impl PrivateRedis {
-    fn start() -> Result<Self, Box<dyn Error>> {
-        let bin = redis_server_bin()?;
-        let dir = tempfile::Builder::new()
-            .prefix("thb-idle-redis-")
-            .tempdir()?;
-        let mut last_error = String::new();
-        for _ in 0..5 {
-            let port = free_port()?;
-            match start_redis(&bin, dir.path(), port) {
-                Ok(child) => {
-                    return Ok(PrivateRedis {
-                        child,
-                        url: format!("redis://127.0.0.1:{port}/"),
-                        _dir: dir,
-                    })
-                }
-                Err(Ok(log)) => last_error = log,
-                Err(Err(message)) => return Err(message.into()),
-            }
-        }
-        Err(format!("could not start redis-server on a free port:\n{last_error}").into())
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-}
-
-impl Drop for PrivateRedis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// `$REDIS_SERVER_BIN`, else `redis-server` on `$PATH`.
-fn redis_server_bin() -> Result<PathBuf, String> {
-    if let Some(bin) = std::env::var_os("REDIS_SERVER_BIN").filter(|b| !b.is_empty()) {
-        let bin = PathBuf::from(bin);
-        return match bin.is_file() {
-            true => Ok(bin),
-            false => Err(format!("REDIS_SERVER_BIN={} is not a file", bin.display())),
-        };
-    }
-    std::env::var_os("PATH")
-        .iter()
-        .flat_map(std::env::split_paths)
-        .map(|dir| dir.join("redis-server"))
-        .find(|candidate| candidate.is_file())
-        .ok_or_else(|| {
-            "no redis-server on PATH: install it (`sudo apt-get install redis-server`, \
-             `brew install redis`) or set REDIS_SERVER_BIN"
-                .into()
-        })
-}
-
-/// A port that was free on 127.0.0.1 a moment ago (never 6379).
-fn free_port() -> std::io::Result<u16> {
-    loop {
-        let port = TcpListener::bind(("127.0.0.1", 0))?.local_addr()?.port();
-        if port != 6379 {
-            return Ok(port);
-        }
-    }
-}
-
-/// Starts `redis-server` on `port` and waits until it answers `PING`.
-/// `Err(Ok(log))`: the port was taken meanwhile; `Err(Err(message))`: any
-/// other failure.
-fn start_redis(bin: &Path, dir: &Path, port: u16) -> Result<Child, Result<String, String>> {
-    let log = dir.join("redis.log");
-    let offset = std::fs::metadata(&log).map_or(0, |m| m.len());
-    let mut child = Command::new(bin)
-        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-        .args([
-            "--save",
-            "",
-            "--appendonly",
-            "yes",
-            "--appendfsync",
-            "always",
-        ])
-        .args(["--notify-keyspace-events", "KA", "--daemonize", "no"])
-        .arg("--dir")
-        .arg(dir)
-        .arg("--logfile")
-        .arg(&log)
-        .current_dir(dir)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .map_err(|e| Err(format!("cannot run {}: {e}", bin.display())))?;
-    let tail = || {
-        let mut text = String::new();
-        if let Ok(mut file) = std::fs::File::open(&log) {
-            let _ = file.seek(SeekFrom::Start(offset));
-            let _ = file.read_to_string(&mut text);
-        }
-        text
-    };
-    let client = redis::Client::open(format!("redis://127.0.0.1:{port}/"))
-        .map_err(|e| Err(e.to_string()))?;
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        if let Ok(Some(status)) = child.try_wait() {
-            let log = tail();
-            return Err(if log.contains("Address already in use") {
-                Ok(log)
-            } else {
-                Err(format!("redis-server exited at startup ({status}):\n{log}"))
-            });
-        }
-        let pong = client
-            .get_connection_with_timeout(Duration::from_millis(200))
-            .and_then(|mut conn| redis::cmd("PING").query::<String>(&mut conn));
-        if pong.is_ok_and(|p| p == "PONG") {
-            return Ok(child);
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(Err(format!(
-                "redis-server did not answer within 5 s:\n{}",
-                tail()
-            )));
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
 }

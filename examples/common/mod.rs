@@ -1,7 +1,8 @@
-//! What the `gateway` and `drain` examples share: how the flags name the
-//! target, logging, and the stop signals. Not an example itself (cargo only
-//! builds `examples/*.rs` and `examples/*/main.rs`); each example includes it
-//! with `#[path = "common/mod.rs"] mod common;`.
+//! What the examples share: how the flags name the target, logging, the
+//! stop signals, the walkthrough helpers and a private `redis-server`. Not
+//! an example itself (cargo only builds `examples/*.rs` and
+//! `examples/*/main.rs`); each example includes it with
+//! `#[path = "common/mod.rs"] mod common;`.
 
 use std::io::IsTerminal;
 
@@ -199,5 +200,197 @@ pub mod walkthrough {
             redis::cmd("DEL").arg(&keys).exec_async(&mut conn).await?;
         }
         Ok(())
+    }
+}
+
+/// A private `redis-server`, as the `demo` and `idle_targets` run it: on a
+/// free loopback port (never 6379), its data in a temp dir, the append-only
+/// file fsync'd on every write, keyspace notifications `KA`. Examples that
+/// do not use it ignore it.
+#[allow(dead_code)]
+pub mod private_redis {
+    use std::io::{Read, Seek, SeekFrom};
+    use std::net::TcpListener;
+    use std::path::{Path, PathBuf};
+    use std::process::{Child, Command, Stdio};
+    use std::time::{Duration, Instant};
+
+    /// A running `redis-server`; killed (and reaped), and its temp dir
+    /// removed, on drop.
+    pub struct PrivateRedis {
+        child: Child,
+        port: u16,
+        url: String,
+        /// Holds redis.conf-less state: the AOF and the log; removed on drop,
+        /// after the server is killed.
+        dir: tempfile::TempDir,
+    }
+
+    impl PrivateRedis {
+        /// Starts `redis-server` (`$REDIS_SERVER_BIN`, else the one on
+        /// `$PATH`) in a new temp dir whose name starts with `prefix`, and
+        /// waits (at most 5 s) until it answers `PING`; retries on another
+        /// port, up to 5 times, when the one it picked was taken meanwhile.
+        ///
+        /// When there is no `redis-server`, the message says that
+        /// `needed_by` (e.g. "the demo") needs one, followed by
+        /// `install_hint`.
+        pub fn start(prefix: &str, needed_by: &str, install_hint: &str) -> Result<Self, String> {
+            let bin = redis_server_bin(needed_by, install_hint)?;
+            let dir = tempfile::Builder::new()
+                .prefix(prefix)
+                .tempdir()
+                .map_err(|e| format!("cannot create a temp dir: {e}"))?;
+            let mut last_error = String::new();
+            for _ in 0..5 {
+                let port = free_port()?;
+                match start_redis(&bin, dir.path(), port) {
+                    Ok(child) => {
+                        return Ok(PrivateRedis {
+                            child,
+                            port,
+                            url: format!("redis://127.0.0.1:{port}/"),
+                            dir,
+                        })
+                    }
+                    Err(StartError::PortBusy(log)) => last_error = log,
+                    Err(StartError::Failed(message)) => return Err(message),
+                }
+            }
+            Err(format!(
+                "could not start redis-server on a free port:\n{last_error}"
+            ))
+        }
+
+        /// `redis://127.0.0.1:PORT/`.
+        pub fn url(&self) -> &str {
+            &self.url
+        }
+
+        pub fn port(&self) -> u16 {
+            self.port
+        }
+
+        /// The redis-server's process id.
+        pub fn pid(&self) -> u32 {
+            self.child.id()
+        }
+
+        /// Where its AOF and log are.
+        pub fn dir(&self) -> &Path {
+            self.dir.path()
+        }
+    }
+
+    impl Drop for PrivateRedis {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    /// `$REDIS_SERVER_BIN`, else `redis-server` on `$PATH`.
+    fn redis_server_bin(needed_by: &str, install_hint: &str) -> Result<PathBuf, String> {
+        if let Some(bin) = std::env::var_os("REDIS_SERVER_BIN").filter(|b| !b.is_empty()) {
+            let bin = PathBuf::from(bin);
+            return match bin.is_file() {
+                true => Ok(bin),
+                false => Err(format!(
+                    "REDIS_SERVER_BIN={} is not a file: {install_hint}",
+                    bin.display()
+                )),
+            };
+        }
+        std::env::var_os("PATH")
+            .iter()
+            .flat_map(std::env::split_paths)
+            .map(|dir| dir.join("redis-server"))
+            .find(|candidate| candidate.is_file())
+            .ok_or_else(|| {
+                format!("{needed_by} needs redis-server and found none on PATH: {install_hint}")
+            })
+    }
+
+    /// A port that was free on 127.0.0.1 a moment ago (never 6379).
+    fn free_port() -> Result<u16, String> {
+        loop {
+            let listener = TcpListener::bind(("127.0.0.1", 0))
+                .map_err(|e| format!("cannot bind 127.0.0.1:0: {e}"))?;
+            let port = listener.local_addr().map_err(|e| e.to_string())?.port();
+            if port != 6379 {
+                return Ok(port);
+            }
+        }
+    }
+
+    enum StartError {
+        /// The port was taken meanwhile: the log says so.
+        PortBusy(String),
+        Failed(String),
+    }
+
+    /// Starts `redis-server` on `port` with its data in `dir`, and waits
+    /// until it answers `PING`.
+    fn start_redis(bin: &Path, dir: &Path, port: u16) -> Result<Child, StartError> {
+        let log = dir.join("redis.log");
+        let log_offset = std::fs::metadata(&log).map_or(0, |m| m.len());
+        let mut child = Command::new(bin)
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args([
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+            ])
+            .args(["--notify-keyspace-events", "KA", "--daemonize", "no"])
+            .arg("--dir")
+            .arg(dir)
+            .arg("--logfile")
+            .arg(&log)
+            .current_dir(dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| StartError::Failed(format!("cannot run {}: {e}", bin.display())))?;
+        let tail = || {
+            let mut text = String::new();
+            if let Ok(mut file) = std::fs::File::open(&log) {
+                let _ = file.seek(SeekFrom::Start(log_offset));
+                let _ = file.read_to_string(&mut text);
+            }
+            text
+        };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let client = redis::Client::open(format!("redis://127.0.0.1:{port}/"))
+            .map_err(|e| StartError::Failed(e.to_string()))?;
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                let log = tail();
+                return Err(match log.contains("Address already in use") {
+                    true => StartError::PortBusy(log),
+                    false => StartError::Failed(format!(
+                        "redis-server exited at startup ({status}):\n{log}"
+                    )),
+                });
+            }
+            let pong = client
+                .get_connection_with_timeout(Duration::from_millis(200))
+                .and_then(|mut conn| redis::cmd("PING").query::<String>(&mut conn));
+            if pong.is_ok_and(|p| p == "PONG") {
+                return Ok(child);
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(StartError::Failed(format!(
+                    "redis-server did not answer within 5 s:\n{}",
+                    tail()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 }
