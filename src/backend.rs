@@ -742,6 +742,9 @@ impl SentinelLookup {
         master: &str,
         node: &redis::RedisConnectionInfo,
     ) -> redis::RedisResult<SentinelClient> {
+        // redis-rs takes a `String` here without TLS support and an
+        // `AsRef<str>` with it: the owned copy serves both.
+        #[allow(clippy::unnecessary_to_owned)]
         SentinelClient::build(
             addrs.to_vec(),
             master.to_owned(),
