@@ -227,7 +227,9 @@ impl Events {
     }
 
     fn subscribe(&self) -> broadcast::Receiver<ReplayEvent> {
-        self.0.get_or_init(|| broadcast::channel(1024).0).subscribe()
+        self.0
+            .get_or_init(|| broadcast::channel(1024).0)
+            .subscribe()
     }
 }
 
