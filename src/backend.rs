@@ -467,6 +467,32 @@ impl fmt::Debug for BackendConnection {
     }
 }
 
+/// The primaries' `(host, port)` in a `CLUSTER SLOTS` reply, whose ranges
+/// read `[start, end, [host, port, id, ...], replicas...]`.
+fn primary_addresses(slots: &Value) -> BTreeSet<(String, u16)> {
+    let mut primaries = BTreeSet::new();
+    let Value::Array(ranges) = slots else {
+        return primaries;
+    };
+    for range in ranges {
+        let Value::Array(parts) = range else { continue };
+        let Some(Value::Array(primary)) = parts.get(2) else {
+            continue;
+        };
+        let host = match primary.first() {
+            Some(Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
+            Some(Value::SimpleString(s)) => s.clone(),
+            _ => continue,
+        };
+        if let Some(Value::Int(port)) = primary.get(1) {
+            if let Ok(port) = u16::try_from(*port) {
+                primaries.insert((host, port));
+            }
+        }
+    }
+    primaries
+}
+
 /// Keys per `SCAN` call.
 const SCAN_COUNT: usize = 1000;
 
@@ -534,36 +560,13 @@ impl Conn {
     async fn scan_all(&mut self, pattern: &str) -> redis::RedisResult<Vec<String>> {
         let nodes: Vec<Option<(String, u16)>> = match self {
             Conn::Cluster(c) => {
-                // Each range: [start, end, [host, port, id, ...], replicas...].
                 let slots: Value = c
                     .route_command(
                         redis::cmd("CLUSTER").arg("SLOTS").clone(),
                         RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random),
                     )
                     .await?;
-                let mut primaries = BTreeSet::new();
-                if let Value::Array(ranges) = slots {
-                    for range in ranges {
-                        if let Value::Array(parts) = range {
-                            if let Some(Value::Array(primary)) = parts.get(2) {
-                                if let (Some(host), Some(Value::Int(port))) =
-                                    (primary.first(), primary.get(1))
-                                {
-                                    let host = match host {
-                                        Value::BulkString(b) => {
-                                            String::from_utf8_lossy(b).into_owned()
-                                        }
-                                        Value::SimpleString(s) => s.clone(),
-                                        _ => continue,
-                                    };
-                                    if let Ok(port) = u16::try_from(*port) {
-                                        primaries.insert((host, port));
-                                    }
-                                }
-                            }
-                        }
-                    }
-                }
+                let primaries = primary_addresses(&slots);
                 primaries.into_iter().map(Some).collect()
             }
             _ => vec![None],
@@ -965,6 +968,29 @@ mod tests {
         let e = Backend::open("redis+cluster://").unwrap_err();
         assert!(e.to_string().contains("seed"), "{e}");
         assert!(Backend::open("nonsense").is_err());
+    }
+
+    #[test]
+    fn cluster_slots_give_each_primary_once() {
+        let node = |host: &str, port: i64| {
+            Value::Array(vec![
+                Value::BulkString(host.as_bytes().to_vec()),
+                Value::Int(port),
+                Value::BulkString(b"id".to_vec()),
+            ])
+        };
+        let range = |start, end, primary, replica| {
+            Value::Array(vec![Value::Int(start), Value::Int(end), primary, replica])
+        };
+        let reply = Value::Array(vec![
+            range(0, 99, node("a", 7000), node("b", 7003)),
+            range(100, 199, node("c", 7001), node("d", 7004)),
+            range(200, 299, node("a", 7000), node("b", 7003)),
+            Value::Nil,
+        ]);
+        let primaries: Vec<_> = primary_addresses(&reply).into_iter().collect();
+        assert_eq!(primaries, [("a".to_owned(), 7000), ("c".to_owned(), 7001)]);
+        assert!(primary_addresses(&Value::Nil).is_empty());
     }
 
     #[test]
