@@ -84,7 +84,7 @@ struct Args {
     target: Uri,
     /// Redis URL holding the heartbeat and the buffer: `redis://`, `rediss://`,
     /// `redis+cluster://host:port,...` or
-    /// `redis+sentinel://host:port,.../<master>`.
+    /// `redis+sentinel://host:port,.../MASTER`.
     #[arg(long, env = "REDIS_URL", hide_env_values = true)]
     redis: String,
     /// Watch this exact key (string or hash); the buffer's name is derived from it.

@@ -32,7 +32,7 @@ use tracing::error;
 struct Args {
     /// Redis URL holding the heartbeat: `redis://`, `rediss://`,
     /// `redis+cluster://host:port,...` or
-    /// `redis+sentinel://host:port,.../<master>`.
+    /// `redis+sentinel://host:port,.../MASTER`.
     #[arg(long, env = "REDIS_URL", hide_env_values = true)]
     redis: String,
     /// The target `NAME`: its heartbeat key is `<namespace>:{NAME}:hb`.

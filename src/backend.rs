@@ -1,39 +1,7 @@
 //! Where Redis lives — one server, a Redis Cluster, or a primary found
 //! through Sentinel — and the one connection type the rest of the crate
 //! talks through, so the layer, the watcher and the replayer never ask
-//! which.
-//!
-//! # Connections per process
-//!
-//! Every clone of a [`Backend`] shares one *data* connection (one
-//! multiplexed connection per server, or per cluster node), opened on first
-//! use: the buffers of every target, the replayers, the dead letters and the
-//! heartbeat publisher pipeline their commands on it. A [`Watcher`] adds one
-//! more (per node) for the keyspace notifications it subscribes to. So a
-//! process watching and draining a hundred targets holds two connections to
-//! a single server, not two hundred. Nothing here ever blocks a connection
-//! (no `BLOCK`, no `WAIT` outside a pipeline that carries its own write), so
-//! sharing costs no head-of-line waits beyond the bytes themselves.
-//!
-//! [`Watcher`]: crate::heartbeat::Watcher
-//!
-//! # Cluster
-//!
-//! Every key of a target carries the target's name as a hash tag
-//! (`ns:{name}:...`), so one target's keys, scripts and `MULTI` blocks live
-//! in one slot on one node; different targets spread over the nodes.
-//! Redirections (`MOVED`, `ASK`) and slot-map refreshes after a failover are
-//! redis-rs' `cluster-async` business. Keyspace notifications are local to
-//! the node that owns a key; their channel names carry the same hash tag, so
-//! the subscription follows the key's slot to whichever node serves it,
-//! and moves with it after a failover or resharding.
-//!
-//! # Sentinel
-//!
-//! The primary's address is asked of the sentinels, and asked again when the
-//! current primary stops answering or refuses writes (`READONLY` after a
-//! demotion): the next command after a failover goes to the new primary, the
-//! watcher's subscriptions are re-made there and every view re-reads.
+//! which. The user-facing story is on [`Backend`].
 
 use std::collections::BTreeSet;
 use std::convert::Infallible;
@@ -75,8 +43,7 @@ const SENTINEL_LOOKUP: Duration = Duration::from_secs(2);
 /// [`Backend::sentinel`]; pass it (or a `redis::Client`, which converts) to
 /// [`Watcher::connect`](crate::heartbeat::Watcher::connect) and
 /// [`Heartbeat::builder`](crate::heartbeat::Heartbeat)'s `start`. Clones
-/// share one data connection; see the [module docs](self) for what each
-/// kind of deployment means for the guarantees.
+/// share one data connection.
 ///
 /// ```
 /// use tower_heartbeat_buffer::Backend;
@@ -90,6 +57,39 @@ const SENTINEL_LOOKUP: Duration = Duration::from_secs(2);
 /// # Ok(())
 /// # }
 /// ```
+///
+/// # Connections per process
+///
+/// Every clone of a [`Backend`] shares one *data* connection (one
+/// multiplexed connection per server, or per cluster node), opened on first
+/// use: the buffers of every target, the replayers, the dead letters and the
+/// heartbeat publisher pipeline their commands on it. A [`Watcher`](crate::Watcher) adds one
+/// more (per node) for the keyspace notifications it subscribes to. So a
+/// process watching and draining a hundred targets holds two connections to
+/// a single server, not two hundred. Nothing on them ever blocks (no
+/// `BLOCK`), so sharing costs no head-of-line waits beyond the bytes
+/// themselves. The one exception has connections of its own: `WAIT` holds
+/// its connection until the replicas answer, so layers built with
+/// [`wait_for_replicas`](crate::HeartbeatBufferBuilder::wait_for_replicas)
+/// write through a small pool of dedicated connections.
+///
+/// # Cluster
+///
+/// Every key of a target carries the target's name as a hash tag
+/// (`ns:{name}:...`), so one target's keys, scripts and `MULTI` blocks live
+/// in one slot on one node; different targets spread over the nodes.
+/// Redirections (`MOVED`, `ASK`) and slot-map refreshes after a failover are
+/// redis-rs' `cluster-async` business. Keyspace notifications are local to
+/// the node that owns a key; their channel names carry the same hash tag, so
+/// the subscription follows the key's slot to whichever node serves it,
+/// and moves with it after a failover or resharding.
+///
+/// # Sentinel
+///
+/// The primary's address is asked of the sentinels, and asked again when the
+/// current primary stops answering or refuses writes (`READONLY` after a
+/// demotion): the next command after a failover goes to the new primary, the
+/// watcher's subscriptions are re-made there and every view re-reads.
 #[derive(Clone)]
 pub struct Backend {
     kind: Arc<Kind>,
@@ -253,6 +253,14 @@ impl Backend {
     /// follows the primary behind Sentinel. Opened lazily; cheap to clone.
     pub fn connection(&self) -> Result<BackendConnection, RedisError> {
         self.data().map(BackendConnection)
+    }
+
+    /// `n` connections of their own, for commands that hold a connection
+    /// (`WAIT`).
+    pub(crate) fn dedicated(&self, n: usize) -> Result<Vec<Conn>, RedisError> {
+        (0..n.max(1))
+            .map(|_| self.connect(None, DATA_RESPONSE_TIMEOUT))
+            .collect()
     }
 
     /// The connection every clone shares, for commands (no subscriptions).

@@ -24,7 +24,7 @@
 //! confirm in time the caller is told so instead of getting a `202`.
 
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -79,7 +79,13 @@ pub(crate) enum EnqueueError {
 /// A target's buffer.
 #[derive(Clone)]
 pub(crate) struct Queue {
+    /// The shared connection (handed to the replayer and the admin API).
     conn: Conn,
+    /// What writes go through: the shared connection, or with `WAIT` a pool
+    /// of dedicated ones (a `WAIT` holds its connection until the replicas
+    /// answer, and every command behind it on that connection waits too).
+    writers: Arc<[Conn]>,
+    next_writer: Arc<AtomicUsize>,
     key: String,
     max_len: u64,
     timeout: Duration,
@@ -99,16 +105,26 @@ impl Drop for InFlight<'_> {
 }
 
 impl Queue {
+    /// `writers`: connections of its own for the writes (with
+    /// `replication`); empty to write through `conn`.
     pub(crate) fn new(
         conn: Conn,
+        writers: Vec<Conn>,
         target: &Target,
         max_len: u64,
         command_timeout: Duration,
         replication: Option<Replication>,
     ) -> Self {
+        let writers: Arc<[Conn]> = if writers.is_empty() {
+            Arc::from([conn.clone()])
+        } else {
+            Arc::from(writers)
+        };
         Self {
             replication,
             conn,
+            writers,
+            next_writer: Arc::new(AtomicUsize::new(0)),
             key: target.queue_key(),
             max_len,
             timeout: command_timeout + replication.map_or(Duration::ZERO, |r| r.timeout),
@@ -138,7 +154,8 @@ impl Queue {
                 .saturating_add(1)
                 <= self.max_len
         });
-        let mut conn = self.conn.clone();
+        let writer = self.next_writer.fetch_add(1, Ordering::Relaxed) % self.writers.len();
+        let mut conn = self.writers[writer].clone();
         let wait = self.replication.map(|r| {
             let mut wait = redis::cmd("WAIT");
             wait.arg(r.replicas).arg(

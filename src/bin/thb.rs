@@ -62,7 +62,7 @@ return {holder, redis.call('PTTL', KEYS[1])}
 struct Cli {
     /// Redis URL: redis://127.0.0.1:6379/, rediss://..., a cluster
     /// (redis+cluster://host:port,host:port) or Sentinel
-    /// (redis+sentinel://host:port,host:port/<master>)
+    /// (redis+sentinel://host:port,host:port/MASTER)
     #[arg(
         long = "redis",
         value_name = "URL",
