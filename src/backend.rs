@@ -29,6 +29,8 @@ use crate::sync::lock;
 /// their own (usually shorter) timeout; this only catches a hung socket.
 const DATA_RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// Connections (per server or cluster node) for writes followed by `WAIT`.
+const WAIT_CONNECTIONS: usize = 8;
 /// Sentinel: after a failed lookup, commands fail at once for this long
 /// instead of each asking the sentinels again.
 const SENTINEL_RETRY: Duration = Duration::from_millis(100);
@@ -71,7 +73,7 @@ const SENTINEL_LOOKUP: Duration = Duration::from_secs(2);
 /// themselves. The one exception has connections of its own: `WAIT` holds
 /// its connection until the replicas answer, so layers built with
 /// [`wait_for_replicas`](crate::HeartbeatBufferBuilder::wait_for_replicas)
-/// write through a small pool of dedicated connections.
+/// write through a pool of 8 more connections, shared by every clone.
 ///
 /// # Cluster
 ///
@@ -95,6 +97,8 @@ pub struct Backend {
     kind: Arc<Kind>,
     /// The data connection every clone shares, opened on first use.
     data: Arc<OnceLock<Conn>>,
+    /// The connections for `WAIT`ed writes, opened on first use.
+    waiting: Arc<OnceLock<Arc<[Conn]>>>,
 }
 
 enum Kind {
@@ -227,6 +231,7 @@ impl Backend {
         Self {
             kind: Arc::new(kind),
             data: Arc::new(OnceLock::new()),
+            waiting: Arc::new(OnceLock::new()),
         }
     }
 
@@ -255,12 +260,18 @@ impl Backend {
         self.data().map(BackendConnection)
     }
 
-    /// `n` connections of their own, for commands that hold a connection
-    /// (`WAIT`).
-    pub(crate) fn dedicated(&self, n: usize) -> Result<Vec<Conn>, RedisError> {
-        (0..n.max(1))
+    /// The connections every clone shares for writes followed by a `WAIT`,
+    /// which holds its connection until the replicas answer: several, so
+    /// that concurrent waits run side by side, and apart from the data
+    /// connection, so that nothing else queues behind them.
+    pub(crate) fn waiting(&self) -> Result<Arc<[Conn]>, RedisError> {
+        if let Some(pool) = self.waiting.get() {
+            return Ok(Arc::clone(pool));
+        }
+        let pool = (0..WAIT_CONNECTIONS)
             .map(|_| self.connect(None, DATA_RESPONSE_TIMEOUT))
-            .collect()
+            .collect::<Result<Arc<[Conn]>, _>>()?;
+        Ok(Arc::clone(self.waiting.get_or_init(|| pool)))
     }
 
     /// The connection every clone shares, for commands (no subscriptions).

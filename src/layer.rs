@@ -33,11 +33,6 @@ pub const DEFAULT_MAX_BODY_BYTES: usize = 1024 * 1024;
 /// second, small enough not to take the Redis server down with the target.
 pub const DEFAULT_MAX_QUEUE_LEN: u64 = 100_000;
 
-/// Connections of its own that a layer with
-/// [`wait_for_replicas`](HeartbeatBufferBuilder::wait_for_replicas) writes
-/// through.
-const WAIT_CONNECTIONS: usize = 8;
-
 /// Whether buffered requests keep their order against new ones.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 #[non_exhaustive]
@@ -176,8 +171,9 @@ impl<F> HeartbeatBufferBuilder<F> {
     /// should send the same `Idempotency-Key`. Each buffered call then
     /// waits for a replica's acknowledgement (one more replication round
     /// trip; figures in the README). Since a `WAIT` holds its connection
-    /// until the replicas answer, these writes go through 8 connections of
-    /// the layer's own rather than the process's shared one.
+    /// until the replicas answer, these writes go through a pool of 8
+    /// connections kept for them (one pool per [`Backend`](crate::Backend),
+    /// shared by all its layers) rather than the shared data connection.
     pub fn wait_for_replicas(mut self, replicas: u32, timeout: Duration) -> Self {
         self.replication = (replicas > 0).then_some(Replication {
             replicas,
@@ -210,11 +206,10 @@ impl<F> HeartbeatBufferBuilder<F> {
     pub async fn build(self, watcher: &Watcher) -> Result<HeartbeatBufferLayer<F>, RedisError> {
         let view = watcher.watch(&self.target).await;
         // A `WAIT` holds its connection until the replicas answer: such
-        // writes get connections of their own, several so that concurrent
-        // calls wait side by side rather than one behind the other.
+        // writes go through connections kept for them.
         let writers = match self.replication {
-            Some(_) => watcher.backend().dedicated(WAIT_CONNECTIONS)?,
-            None => Vec::new(),
+            Some(_) => Some(watcher.backend().waiting()?),
+            None => None,
         };
         let queue = Queue::new(
             watcher.backend().data()?,

@@ -105,21 +105,17 @@ impl Drop for InFlight<'_> {
 }
 
 impl Queue {
-    /// `writers`: connections of its own for the writes (with
-    /// `replication`); empty to write through `conn`.
+    /// `writers`: the connections for the writes (with `replication`);
+    /// `None` to write through `conn`.
     pub(crate) fn new(
         conn: Conn,
-        writers: Vec<Conn>,
+        writers: Option<Arc<[Conn]>>,
         target: &Target,
         max_len: u64,
         command_timeout: Duration,
         replication: Option<Replication>,
     ) -> Self {
-        let writers: Arc<[Conn]> = if writers.is_empty() {
-            Arc::from([conn.clone()])
-        } else {
-            Arc::from(writers)
-        };
+        let writers = writers.unwrap_or_else(|| Arc::from([conn.clone()]));
         Self {
             replication,
             conn,
