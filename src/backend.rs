@@ -98,7 +98,7 @@ pub struct Backend {
     /// The data connection every clone shares, opened on first use.
     data: Arc<OnceLock<Conn>>,
     /// The connections for `WAIT`ed writes, opened on first use.
-    waiting: Arc<OnceLock<Arc<[Conn]>>>,
+    waiting: Arc<OnceLock<Arc<ConnPool>>>,
 }
 
 enum Kind {
@@ -264,13 +264,15 @@ impl Backend {
     /// which holds its connection until the replicas answer: several, so
     /// that concurrent waits run side by side, and apart from the data
     /// connection, so that nothing else queues behind them.
-    pub(crate) fn waiting(&self) -> Result<Arc<[Conn]>, RedisError> {
+    pub(crate) fn waiting(&self) -> Result<Arc<ConnPool>, RedisError> {
         if let Some(pool) = self.waiting.get() {
             return Ok(Arc::clone(pool));
         }
-        let pool = (0..WAIT_CONNECTIONS)
+        let first = self.connect(None, DATA_RESPONSE_TIMEOUT)?;
+        let more = (1..WAIT_CONNECTIONS)
             .map(|_| self.connect(None, DATA_RESPONSE_TIMEOUT))
-            .collect::<Result<Arc<[Conn]>, _>>()?;
+            .collect::<Result<Vec<Conn>, _>>()?;
+        let pool = Arc::new(ConnPool::new(first, more));
         Ok(Arc::clone(self.waiting.get_or_init(|| pool)))
     }
 
@@ -510,6 +512,31 @@ fn primary_addresses(slots: &Value) -> BTreeSet<(String, u16)> {
         }
     }
     primaries
+}
+
+/// Connections handed out in turn (each opens on its first use).
+pub(crate) struct ConnPool {
+    conns: Vec<Conn>,
+    next: std::sync::atomic::AtomicUsize,
+}
+
+impl ConnPool {
+    /// A pool of `first` and `more` (never empty, by construction).
+    pub(crate) fn new(first: Conn, more: Vec<Conn>) -> Self {
+        let mut conns = Vec::with_capacity(1 + more.len());
+        conns.push(first);
+        conns.extend(more);
+        Self {
+            conns,
+            next: std::sync::atomic::AtomicUsize::new(0),
+        }
+    }
+
+    /// The next connection in turn.
+    pub(crate) fn next(&self) -> Conn {
+        let i = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.conns[i % self.conns.len()].clone()
+    }
 }
 
 /// Keys per `SCAN` call.

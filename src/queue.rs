@@ -24,14 +24,14 @@
 //! confirm in time the caller is told so instead of getting a `202`.
 
 use std::fmt;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use redis::{Script, Value};
 use tokio::time::timeout;
 
-use crate::backend::Conn;
+use crate::backend::{Conn, ConnPool};
 use crate::envelope::Encoded;
 use crate::error::RedisError;
 use crate::target::Target;
@@ -84,8 +84,7 @@ pub(crate) struct Queue {
     /// What writes go through: the shared connection, or with `WAIT` a pool
     /// of dedicated ones (a `WAIT` holds its connection until the replicas
     /// answer, and every command behind it on that connection waits too).
-    writers: Arc<[Conn]>,
-    next_writer: Arc<AtomicUsize>,
+    writers: Arc<ConnPool>,
     key: String,
     max_len: u64,
     timeout: Duration,
@@ -109,18 +108,17 @@ impl Queue {
     /// `None` to write through `conn`.
     pub(crate) fn new(
         conn: Conn,
-        writers: Option<Arc<[Conn]>>,
+        writers: Option<Arc<ConnPool>>,
         target: &Target,
         max_len: u64,
         command_timeout: Duration,
         replication: Option<Replication>,
     ) -> Self {
-        let writers = writers.unwrap_or_else(|| Arc::from([conn.clone()]));
+        let writers = writers.unwrap_or_else(|| Arc::new(ConnPool::new(conn.clone(), Vec::new())));
         Self {
             replication,
             conn,
             writers,
-            next_writer: Arc::new(AtomicUsize::new(0)),
             key: target.queue_key(),
             max_len,
             timeout: command_timeout + replication.map_or(Duration::ZERO, |r| r.timeout),
@@ -150,8 +148,7 @@ impl Queue {
                 .saturating_add(1)
                 <= self.max_len
         });
-        let writer = self.next_writer.fetch_add(1, Ordering::Relaxed) % self.writers.len();
-        let mut conn = self.writers[writer].clone();
+        let mut conn = self.writers.next();
         let wait = self.replication.map(|r| {
             let mut wait = redis::cmd("WAIT");
             wait.arg(r.replicas).arg(
