@@ -105,7 +105,7 @@
 //! # Guarantees
 //!
 //! - A `202` means the request is in Redis (as durable as the server's
-//!   persistence settings). Anything that could not be stored gets an error
+//!   persistence settings and, across a failover, its replication). Anything that could not be stored gets an error
 //!   response, never a `202`.
 //! - Every request that may be buffered carries an `Idempotency-Key` (the
 //!   caller's, or a UUIDv7 assigned before the first attempt), so a forward
@@ -125,6 +125,17 @@
 //!   fresh ones.
 //! - In an axum app, prefer `Router::route_layer` to `Router::layer`, so
 //!   requests for unknown paths get `404` rather than being stored.
+//!
+//! # One server, a cluster, or Sentinel
+//!
+//! [`Watcher::connect`] takes a [`Backend`]: `Backend::open` reads
+//! `redis://`, `rediss://`, `redis+cluster://host:port,...` and
+//! `redis+sentinel://host:port,.../master` (a `redis::Client` converts too).
+//! A target's keys share one hash tag, so on a cluster each target lives on
+//! one node and its notifications come from there; behind Sentinel the
+//! primary is looked up again after a failover. A `202` is as safe as the
+//! replication behind it: see
+//! [`wait_for_replicas`](HeartbeatBufferBuilder::wait_for_replicas).
 //!
 //! # Redis data layout
 //!
