@@ -375,7 +375,11 @@ async fn a_redis_restart_mid_drain_loses_nothing() {
     // The rig's Redis runs with AOF on (`appendfsync always`).
     let mut rig = Rig::start().await;
     rig.down().await;
-    let mut service = rig.service(|b| b).await;
+    // Every write waits for an fsync: on a loaded CI machine one can take
+    // longer than the default 500 ms, which would answer 503, not lose.
+    let mut service = rig
+        .service(|b| b.redis_timeout(Duration::from_secs(3)))
+        .await;
     const N: usize = 400;
     buffer(&rig, &mut service, "s", N).await;
     let mut config = fast();
