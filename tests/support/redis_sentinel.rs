@@ -21,14 +21,18 @@
 //! sentinels left behind by a test binary that died without running Drop.
 
 use std::collections::HashMap;
-use std::fs::{self, File, OpenOptions};
-use std::io::{Read, Seek, SeekFrom};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::process::Child;
+use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+// Sentinels are `redis-server --sentinel`: launched, watched and logged the
+// way RedisServer does it.
+use super::redis_server::{
+    admin_connection, info_field, kill_and_reap, launch, lock, log_tail, write_file, Launch,
+    LOG_FILE, OWNER_PID_FILE, READY_TIMEOUT, START_ATTEMPTS,
+};
 use super::{redis_server_bin, RedisOptions, RedisServer};
 
 /// `sentinel down-after-milliseconds`.
@@ -40,17 +44,10 @@ const QUORUM: usize = 2;
 /// How long [`SentinelSetup::start`] waits for the sentinels to see everything.
 const CONVERGE_TIMEOUT: Duration = Duration::from_secs(30);
 const POLL: Duration = Duration::from_millis(20);
-const READY_TIMEOUT: Duration = Duration::from_secs(5);
-const START_ATTEMPTS: usize = 5;
 const ADMIN_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
-const ADMIN_IO_TIMEOUT: Duration = Duration::from_secs(2);
 /// Shares RedisServer's prefix so its orphan sweep covers sentinels too.
 const DIR_PREFIX: &str = "thb-redis-sentinel-";
 const CONF_FILE: &str = "sentinel.conf";
-const LOG_FILE: &str = "sentinel.log";
-const STDIO_FILE: &str = "stdio.log";
-const OWNER_PID_FILE: &str = "owner.pid";
-const SERVER_PID_FILE: &str = "server.pid";
 
 /// 1 primary + 1 replica + 3 sentinels; dropping it SIGKILLs everything and
 /// deletes the temp dirs. See the module docs.
@@ -412,12 +409,6 @@ pub struct SentinelProcess {
     dir: tempfile::TempDir,
 }
 
-enum Launch {
-    Ready(Child),
-    PortBusy(String),
-    Failed(String),
-}
-
 impl SentinelProcess {
     /// Starts a sentinel monitoring `master_name` at 127.0.0.1:`primary_port`
     /// with quorum 2 and the module's timeouts; waits until it answers PING.
@@ -439,7 +430,7 @@ impl SentinelProcess {
                 &conf_path,
                 &render_conf(port, dir.path(), master_name, primary_port),
             );
-            match launch(&bin, &conf_path, dir.path(), port) {
+            match launch(&bin, &conf_path, &["--sentinel"], dir.path(), port) {
                 Launch::Ready(child) => {
                     return SentinelProcess {
                         child: Mutex::new(Some(child)),
@@ -493,7 +484,13 @@ impl SentinelProcess {
         self.kill();
         let started = Instant::now();
         loop {
-            match launch(&self.bin, &self.conf_path, self.dir.path(), self.port) {
+            match launch(
+                &self.bin,
+                &self.conf_path,
+                &["--sentinel"],
+                self.dir.path(),
+                self.port,
+            ) {
                 Launch::Ready(child) => {
                     *lock(&self.child) = Some(child);
                     return;
@@ -527,7 +524,7 @@ impl SentinelProcess {
         query(self.port, redis::cmd("SENTINEL").arg("MASTER").arg(name))
     }
 
-    /// Last lines of sentinel.log and the process' stdout/stderr.
+    /// Last lines of its log and the process' stdout/stderr.
     pub fn log_tail(&self) -> String {
         log_tail(self.dir.path(), 0)
     }
@@ -568,89 +565,9 @@ fn render_conf(port: u16, dir: &Path, name: &str, primary_port: u16) -> String {
     )
 }
 
-fn launch(bin: &Path, conf: &Path, dir: &Path, port: u16) -> Launch {
-    let log_offset = fs::metadata(dir.join(LOG_FILE))
-        .map(|m| m.len())
-        .unwrap_or(0);
-    let stdio = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(dir.join(STDIO_FILE))
-        .unwrap_or_else(|e| panic!("test sentinel: cannot open stdio log: {e}"));
-    let stdio2 = stdio.try_clone().expect("clone stdio log handle");
-    let mut child = match Command::new(bin)
-        .arg(conf)
-        .arg("--sentinel")
-        .current_dir(dir)
-        .stdin(Stdio::null())
-        .stdout(stdio)
-        .stderr(stdio2)
-        .spawn()
-    {
-        Ok(child) => child,
-        Err(e) => {
-            return Launch::Failed(format!(
-                "test sentinel: cannot spawn {}: {e}",
-                bin.display()
-            ))
-        }
-    };
-    write_file(&dir.join(SERVER_PID_FILE), &child.id().to_string());
-    let deadline = Instant::now() + READY_TIMEOUT;
-    loop {
-        if let Ok(Some(status)) = child.try_wait() {
-            let log = log_tail(dir, log_offset);
-            if log.contains("Address already in use")
-                || log.contains("Could not create server TCP listening socket")
-            {
-                return Launch::PortBusy(log);
-            }
-            return Launch::Failed(format!(
-                "test sentinel on port {port} exited during startup ({status}); log tail:\n{log}"
-            ));
-        }
-        if ping_ours(port, child.id()) {
-            return Launch::Ready(child);
-        }
-        if Instant::now() >= deadline {
-            kill_and_reap(&mut child);
-            return Launch::Failed(format!(
-                "test sentinel on port {port} did not answer PING within {READY_TIMEOUT:?}; log tail:\n{}",
-                log_tail(dir, log_offset)
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
-/// PING answers and INFO says the process is `pid` (not someone else's server).
-fn ping_ours(port: u16, pid: u32) -> bool {
-    let Ok(mut conn) = admin_connection(port) else {
-        return false;
-    };
-    if !matches!(redis::cmd("PING").query::<String>(&mut conn), Ok(p) if p == "PONG") {
-        return false;
-    }
-    match redis::cmd("INFO").arg("server").query::<String>(&mut conn) {
-        Ok(info) => info_field(&info, "process_id") == Some(pid.to_string().as_str()),
-        Err(_) => false,
-    }
-}
-
 /// One admin query on a fresh connection (no CLIENT SETINFO, short timeouts).
 fn query<T: redis::FromRedisValue>(port: u16, cmd: &redis::Cmd) -> redis::RedisResult<T> {
-    cmd.query(&mut admin_connection(port)?)
-}
-
-fn admin_connection(port: u16) -> redis::RedisResult<redis::Connection> {
-    use redis::IntoConnectionInfo;
-    let info = format!("redis://127.0.0.1:{port}/").into_connection_info()?;
-    let settings = info.redis_settings().clone().set_skip_set_lib_name();
-    let client = redis::Client::open(info.set_redis_settings(settings))?;
-    let conn = client.get_connection_with_timeout(ADMIN_CONNECT_TIMEOUT)?;
-    conn.set_read_timeout(Some(ADMIN_IO_TIMEOUT))?;
-    conn.set_write_timeout(Some(ADMIN_IO_TIMEOUT))?;
-    Ok(conn)
+    cmd.query(&mut admin_connection(port, ADMIN_CONNECT_TIMEOUT)?)
 }
 
 fn free_port() -> u16 {
@@ -658,47 +575,4 @@ fn free_port() -> u16 {
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .unwrap_or_else(|e| panic!("test sentinel: cannot bind 127.0.0.1:0: {e}"))
-}
-
-fn kill_and_reap(child: &mut Child) {
-    let _ = child.kill();
-    let _ = child.wait();
-}
-
-fn write_file(path: &Path, content: &str) {
-    fs::write(path, content)
-        .unwrap_or_else(|e| panic!("test sentinel: cannot write {}: {e}", path.display()));
-}
-
-fn info_field<'a>(info: &'a str, key: &str) -> Option<&'a str> {
-    info.lines().find_map(|line| {
-        let (k, v) = line.split_once(':')?;
-        (k == key).then(|| v.trim())
-    })
-}
-
-fn log_tail(dir: &Path, log_offset: u64) -> String {
-    fn tail(path: &Path, offset: u64, lines: usize) -> String {
-        let mut buf = String::new();
-        if let Ok(mut f) = File::open(path) {
-            let _ = f.seek(SeekFrom::Start(offset));
-            let _ = f.read_to_string(&mut buf);
-        }
-        let all: Vec<&str> = buf.lines().collect();
-        all[all.len().saturating_sub(lines)..].join("\n")
-    }
-    let mut out = format!(
-        "--- {} ---\n{}",
-        dir.join(LOG_FILE).display(),
-        tail(&dir.join(LOG_FILE), log_offset, 40)
-    );
-    let stdio = tail(&dir.join(STDIO_FILE), 0, 20);
-    if !stdio.trim().is_empty() {
-        out.push_str(&format!("\n--- stdout/stderr ---\n{stdio}"));
-    }
-    out
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
 }

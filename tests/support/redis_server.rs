@@ -14,17 +14,17 @@ use super::{redis_server_bin, RedisOptions};
 /// Prefix of every server's temp dir (used to sweep orphans of killed test runs).
 const DIR_PREFIX: &str = "thb-redis-";
 const CONF_FILE: &str = "redis.conf";
-const LOG_FILE: &str = "redis.log";
+pub(super) const LOG_FILE: &str = "redis.log";
 const STDIO_FILE: &str = "stdio.log";
-const OWNER_PID_FILE: &str = "owner.pid";
+pub(super) const OWNER_PID_FILE: &str = "owner.pid";
 const SERVER_PID_FILE: &str = "server.pid";
 /// Subdirectory of the temp dir holding the TLS material (CA, server cert, keys).
 const TLS_DIR: &str = "tls";
 /// How long one launch may take until PING answers.
-const READY_TIMEOUT: Duration = Duration::from_secs(5);
+pub(super) const READY_TIMEOUT: Duration = Duration::from_secs(5);
 const READY_POLL: Duration = Duration::from_millis(5);
 /// Fresh ports tried by `start_with` when the chosen port was taken meanwhile.
-const START_ATTEMPTS: usize = 5;
+pub(super) const START_ATTEMPTS: usize = 5;
 /// Read/write timeout of the harness' own admin connection (INFO queries).
 const ADMIN_IO_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -49,7 +49,7 @@ pub struct RedisServer {
     dir: tempfile::TempDir,
 }
 
-enum Launch {
+pub(super) enum Launch {
     Ready(Child),
     /// The child exited because it could not bind its port.
     PortBusy(String),
@@ -90,7 +90,7 @@ impl RedisServer {
                 &conf_path,
                 &opts.render_conf_with_tls(port, tls, dir.path()),
             );
-            match launch(&bin, &conf_path, dir.path(), port) {
+            match launch(&bin, &conf_path, &[], dir.path(), port) {
                 Launch::Ready(child) => {
                     return RedisServer {
                         child: Mutex::new(Some(child)),
@@ -220,7 +220,7 @@ impl RedisServer {
         self.kill();
         let started = Instant::now();
         loop {
-            match launch(&self.bin, &self.conf_path, self.dir.path(), self.port) {
+            match launch(&self.bin, &self.conf_path, &[], self.dir.path(), self.port) {
                 Launch::Ready(child) => {
                     *lock(&self.child) = Some(child);
                     return;
@@ -352,11 +352,11 @@ impl std::fmt::Debug for RedisServer {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-fn write_file(path: &Path, content: &str) {
+pub(super) fn write_file(path: &Path, content: &str) {
     fs::write(path, content)
         .unwrap_or_else(|e| panic!("test redis-server: cannot write {}: {e}", path.display()));
 }
@@ -499,14 +499,21 @@ fn openssl(args: &[&str]) {
     );
 }
 
-fn kill_and_reap(child: &mut Child) {
+pub(super) fn kill_and_reap(child: &mut Child) {
     let _ = child.kill(); // SIGKILL; also works on a SIGSTOPped process
     let _ = child.wait();
 }
 
-/// Spawns `redis-server <conf>` and waits until it answers PING (and is really
-/// our process), the process exits, or READY_TIMEOUT passes.
-fn launch(bin: &Path, conf: &Path, dir: &Path, port: u16) -> Launch {
+/// Spawns `redis-server <conf> <extra_args>` (`--sentinel` for a sentinel)
+/// and waits until it answers PING (and is really our process), the process
+/// exits, or READY_TIMEOUT passes.
+pub(super) fn launch(
+    bin: &Path,
+    conf: &Path,
+    extra_args: &[&str],
+    dir: &Path,
+    port: u16,
+) -> Launch {
     let log_offset = fs::metadata(dir.join(LOG_FILE))
         .map(|m| m.len())
         .unwrap_or(0);
@@ -518,6 +525,7 @@ fn launch(bin: &Path, conf: &Path, dir: &Path, port: u16) -> Launch {
     let stdio2 = stdio.try_clone().expect("clone stdio log handle");
     let mut child = match Command::new(bin)
         .arg(conf)
+        .args(extra_args)
         .current_dir(dir)
         .stdin(Stdio::null())
         .stdout(stdio)
@@ -565,7 +573,10 @@ fn launch(bin: &Path, conf: &Path, dir: &Path, port: u16) -> Launch {
 
 /// Connection used by the harness itself: no CLIENT SETINFO on connect, so it
 /// adds nothing but its own commands to the server's stats.
-fn admin_connection(port: u16, connect_timeout: Duration) -> redis::RedisResult<redis::Connection> {
+pub(super) fn admin_connection(
+    port: u16,
+    connect_timeout: Duration,
+) -> redis::RedisResult<redis::Connection> {
     use redis::IntoConnectionInfo;
     let info = format!("redis://127.0.0.1:{port}/").into_connection_info()?;
     let settings = info.redis_settings().clone().set_skip_set_lib_name();
@@ -593,7 +604,7 @@ fn ping_ours(port: u16, pid: u32) -> bool {
     }
 }
 
-fn info_field<'a>(info: &'a str, key: &str) -> Option<&'a str> {
+pub(super) fn info_field<'a>(info: &'a str, key: &str) -> Option<&'a str> {
     info.lines().find_map(|line| {
         let (k, v) = line.split_once(':')?;
         (k == key).then(|| v.trim())
@@ -601,7 +612,7 @@ fn info_field<'a>(info: &'a str, key: &str) -> Option<&'a str> {
 }
 
 /// Tail of redis.log (from byte `log_offset`) plus the process' stdout/stderr.
-fn log_tail(dir: &Path, log_offset: u64) -> String {
+pub(super) fn log_tail(dir: &Path, log_offset: u64) -> String {
     fn tail(path: &Path, offset: u64, lines: usize) -> String {
         let mut buf = String::new();
         if let Ok(mut f) = File::open(path) {
