@@ -178,14 +178,7 @@ impl Backend {
     pub fn cluster<T: IntoConnectionInfo>(
         seeds: impl IntoIterator<Item = T>,
     ) -> Result<Self, InvalidConfig> {
-        let seeds = seeds
-            .into_iter()
-            .map(|s| s.into_connection_info())
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| InvalidConfig::new(format!("cluster seed: {e}")))?;
-        if seeds.is_empty() {
-            return Err(InvalidConfig::new("a cluster needs at least one seed node"));
-        }
+        let seeds = addresses(seeds, "cluster seed")?;
         Ok(Self::with_kind(Kind::Cluster(seeds)))
     }
 
@@ -207,16 +200,7 @@ impl Backend {
         node: redis::RedisConnectionInfo,
     ) -> Result<Self, InvalidConfig> {
         let master = master.into();
-        let sentinels = sentinels
-            .into_iter()
-            .map(|s| s.into_connection_info())
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| InvalidConfig::new(format!("sentinel address: {e}")))?;
-        if sentinels.is_empty() {
-            return Err(InvalidConfig::new(
-                "sentinel mode needs at least one sentinel",
-            ));
-        }
+        let sentinels = addresses(sentinels, "sentinel")?;
         if master.is_empty() {
             return Err(InvalidConfig::new("sentinel mode needs a master name"));
         }
@@ -379,6 +363,22 @@ impl fmt::Debug for Backend {
         };
         s.finish()
     }
+}
+
+/// The connection infos of `items`: at least one, each valid.
+fn addresses<T: IntoConnectionInfo>(
+    items: impl IntoIterator<Item = T>,
+    what: &str,
+) -> Result<Vec<ConnectionInfo>, InvalidConfig> {
+    let infos = items
+        .into_iter()
+        .map(|item| item.into_connection_info())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| InvalidConfig::new(format!("{what} address: {e}")))?;
+    if infos.is_empty() {
+        return Err(InvalidConfig::new(format!("no {what} address given")));
+    }
+    Ok(infos)
 }
 
 /// `user:pass@host,host` -> (`user:pass@`, `host,host`).
@@ -751,14 +751,12 @@ struct Subscriptions {
 
 #[derive(Default)]
 struct Current {
-    /// Bumped at every switch, so a failure reported against an old
-    /// connection does not throw away a new one.
+    /// Bumped at every connection made, so a failure reported against an
+    /// old connection does not throw away a new one; 0 before the first.
     generation: u64,
     conn: Option<ConnectionManager>,
     /// When the last lookup failed (commands fail fast for a moment).
     failed_at: Option<Instant>,
-    /// Whether a connection was ever made (a later switch is a failover).
-    switched_before: bool,
 }
 
 /// The primary behind a set of sentinels, looked up again when it fails.
@@ -871,10 +869,11 @@ impl SentinelConn {
         match looked_up {
             Ok(conn) => {
                 let mut current = lock(&self.current);
+                // Any connection after the first one is a switch.
+                let failover = current.generation > 0;
                 current.generation += 1;
                 current.conn = Some(conn.clone());
                 current.failed_at = None;
-                let failover = std::mem::replace(&mut current.switched_before, true);
                 let generation = current.generation;
                 drop(current);
                 if failover {
