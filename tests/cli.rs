@@ -14,9 +14,9 @@ use http::{Request, StatusCode};
 use http_body_util::Full;
 use redis::Commands;
 use serde_json::Value as Json;
-use support::layer_rig::{call, Buffered, Rig};
+use support::layer_rig::{call, fast_replay, Buffered, Rig};
 use support::{hyper_client, wait_until, RedisServer, Reply};
-use tower_heartbeat_buffer::replay::{DeadLetters, ReplayConfig, ReplayHandle};
+use tower_heartbeat_buffer::replay::{DeadLetters, ReplayHandle};
 use tower_heartbeat_buffer::{HeartbeatBufferLayer, Status, Target};
 
 const EVENTUALLY: Duration = Duration::from_secs(30);
@@ -78,15 +78,6 @@ fn thb_at(redis: &RedisServer, args: &[&str]) -> Run {
     let mut all = vec!["--redis", url.as_str()];
     all.extend_from_slice(args);
     thb(&all)
-}
-
-fn fast() -> ReplayConfig {
-    let mut config = ReplayConfig::default();
-    config.slow_start = Duration::ZERO;
-    config.poll_interval = Duration::from_millis(200);
-    config.backoff_base = Duration::from_millis(20);
-    config.lease_ttl = Duration::from_secs(2);
-    config
 }
 
 /// Stores one request per `(method, path)` while the target is down, with
@@ -323,7 +314,7 @@ async fn dead_letter_everything(rig: &Rig, expected: u64) {
         .build(&rig.watcher)
         .await
         .unwrap();
-    let replay: ReplayHandle = layer.replayer().config(fast()).spawn(hyper_client::<
+    let replay: ReplayHandle = layer.replayer().config(fast_replay()).spawn(hyper_client::<
         tower_heartbeat_buffer::RequestBody<Full<Bytes>>,
     >());
     rig.up().await;

@@ -11,7 +11,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{Request, StatusCode};
 use http_body_util::Full;
-use support::layer_rig::{call, Buffered};
+use support::layer_rig::{call, fast_replay, Buffered};
 use support::{hyper_client, wait_until, HttpTarget, RedisCluster, Reply};
 use tower_heartbeat_buffer::replay::{ReplayConfig, ReplayHandle};
 use tower_heartbeat_buffer::{
@@ -23,11 +23,7 @@ use tower_layer::Layer;
 const EVENTUALLY: Duration = Duration::from_secs(60);
 
 fn fast() -> ReplayConfig {
-    let mut config = ReplayConfig::default();
-    config.slow_start = Duration::ZERO;
-    config.poll_interval = Duration::from_millis(200);
-    config.backoff_base = Duration::from_millis(20);
-    config.lease_ttl = Duration::from_secs(2);
+    let mut config = fast_replay();
     config.visibility_timeout = Duration::from_secs(3);
     config
 }
@@ -296,21 +292,7 @@ async fn a_slot_moved_mid_drain_loses_nothing_and_notifications_follow_it() {
         .connect(Backend::cluster(cluster.seed_urls()).unwrap())
         .await
         .unwrap();
-    let mut lane = {
-        let target = Target::new(&name).unwrap();
-        let http = HttpTarget::start().await;
-        let layer = HeartbeatBufferLayer::builder(target.clone())
-            .build(&watcher)
-            .await
-            .unwrap();
-        let service = layer.clone().layer(hyper_client());
-        Lane {
-            target,
-            http,
-            service,
-            layer,
-        }
-    };
+    let mut lane = lane(&watcher, &name, None).await;
     buffer(&mut lane, N).await;
     lane.http.set_reply(Reply::Delay(Duration::from_millis(5)));
     let replayer = spawn_replayer(&lane);

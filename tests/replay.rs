@@ -10,21 +10,12 @@ use bytes::Bytes;
 use http::{Request, StatusCode};
 use http_body_util::Full;
 use redis::Commands;
-use support::layer_rig::{call, Buffered, Rig};
+use support::layer_rig::{call, fast_replay, Buffered, Rig};
 use support::{hyper_client, wait_until, RedisServer, Reply};
 use tower_heartbeat_buffer::replay::{ReplayConfig, ReplayEventKind, ReplayHandle};
 use tower_heartbeat_buffer::{DeliveryOrder, Health, HeartbeatBufferLayer, Target, Watcher};
 
 const EVENTUALLY: Duration = Duration::from_secs(30);
-
-fn fast() -> ReplayConfig {
-    let mut config = ReplayConfig::default();
-    config.slow_start = Duration::ZERO;
-    config.poll_interval = Duration::from_millis(200);
-    config.backoff_base = Duration::from_millis(20);
-    config.lease_ttl = Duration::from_secs(2);
-    config
-}
 
 /// Stores `n` POSTs (bodies `prefix-i`, keys `prefix-i`) while the target is down.
 async fn buffer(rig: &Rig, service: &mut Buffered, prefix: &str, n: usize) {
@@ -72,7 +63,7 @@ async fn replays_a_thousand_in_order_once_with_bodies_and_keys_intact() {
     rig.down().await;
     let mut service = rig.service(|b| b).await;
     buffer(&rig, &mut service, "r", 1000).await;
-    let replay = replayer(&rig, &service, fast());
+    let replay = replayer(&rig, &service, fast_replay());
     // Nothing moves while the target is down.
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(rig.http.received_count(), 0);
@@ -120,7 +111,7 @@ async fn drain_pauses_when_the_target_goes_down_again_and_resumes_in_order() {
     rig.down().await;
     let mut service = rig.service(|b| b).await;
     buffer(&rig, &mut service, "p", 300).await;
-    let mut config = fast();
+    let mut config = fast_replay();
     config.max_per_second = Some(400.0);
     let replay = replayer(&rig, &service, config);
     rig.up().await;
@@ -167,7 +158,7 @@ async fn retry_after_is_honoured_and_a_400_is_dead_lettered_while_the_drain_goes
     ));
     // Two deliveries a second: time for the test to change the target's
     // answers between them.
-    let mut config = fast();
+    let mut config = fast_replay();
     config.max_per_second = Some(2.0);
     let replay = replayer(&rig, &service, config);
     let mut events = replay.events();
@@ -254,7 +245,7 @@ async fn a_poison_entry_is_dead_lettered_and_the_drain_goes_on() {
         )
         .unwrap();
     buffer(&rig, &mut service, "b", 2).await;
-    let replay = replayer(&rig, &service, fast());
+    let replay = replayer(&rig, &service, fast_replay());
     rig.up().await;
     assert!(rig.http.wait_for_requests(4, EVENTUALLY).await);
     assert_eq!(
@@ -295,7 +286,7 @@ async fn a_requeued_dead_letter_is_delivered() {
     buffer(&rig, &mut service, "q", 1).await;
     rig.http
         .set_reply(Reply::Status(StatusCode::UNPROCESSABLE_ENTITY));
-    let replay = replayer(&rig, &service, fast());
+    let replay = replayer(&rig, &service, fast_replay());
     rig.up().await;
     let layer = HeartbeatBufferLayer::builder(rig.target.clone())
         .build(&rig.watcher)
@@ -325,7 +316,7 @@ async fn two_replicas(order: DeliveryOrder) {
         .build(&watcher_b)
         .await
         .unwrap();
-    let mut config = fast();
+    let mut config = fast_replay();
     config.order = order;
     config.batch = 16;
     rig.http.set_reply(Reply::Delay(Duration::from_millis(1)));
@@ -382,7 +373,7 @@ async fn a_redis_restart_mid_drain_loses_nothing() {
         .await;
     const N: usize = 400;
     buffer(&rig, &mut service, "s", N).await;
-    let mut config = fast();
+    let mut config = fast_replay();
     config.max_per_second = Some(500.0);
     let replay = replayer(&rig, &service, config);
     rig.up().await;
@@ -430,7 +421,7 @@ async fn a_standalone_replayer_drains_a_target_it_does_not_call() {
     let replay = tower_heartbeat_buffer::replay::Replayer::builder(&watcher, &target)
         .await
         .unwrap()
-        .config(fast())
+        .config(fast_replay())
         .spawn(hyper_client::<
             tower_heartbeat_buffer::RequestBody<Full<Bytes>>,
         >());
@@ -446,7 +437,7 @@ async fn shutdown_waits_for_the_grace_period_then_leaves_the_entry_pending() {
     let mut service = rig.service(|b| b).await;
     buffer(&rig, &mut service, "g", 1).await;
     rig.http.set_reply(Reply::Hang);
-    let mut config = fast();
+    let mut config = fast_replay();
     config.grace = Duration::from_millis(300);
     let replay = replayer(&rig, &service, config);
     rig.up().await;
@@ -459,7 +450,7 @@ async fn shutdown_waits_for_the_grace_period_then_leaves_the_entry_pending() {
     let len: u64 = rig.redis.conn().xlen(rig.target.queue_key()).unwrap();
     assert_eq!(len, 1);
     rig.http.set_reply(Reply::Ok);
-    let again = replayer(&rig, &service, fast());
+    let again = replayer(&rig, &service, fast_replay());
     assert!(rig.http.wait_for_requests(2, EVENTUALLY).await);
     let keys: Vec<String> = rig
         .http
@@ -549,7 +540,7 @@ async fn relaxed_replicas_do_not_resend_answered_entries_while_one_is_retried() 
             StatusCode::ACCEPTED
         );
     }
-    let mut config = fast();
+    let mut config = fast_replay();
     config.order = DeliveryOrder::Relaxed;
     config.visibility_timeout = Duration::from_millis(600);
     config.max_per_second = None;

@@ -157,3 +157,14 @@ where
         body,
     })
 }
+
+/// A replayer configuration for tests: no slow start, quick polls, retries
+/// and lease takeovers.
+pub fn fast_replay() -> tower_heartbeat_buffer::replay::ReplayConfig {
+    let mut config = tower_heartbeat_buffer::replay::ReplayConfig::default();
+    config.slow_start = Duration::ZERO;
+    config.poll_interval = Duration::from_millis(200);
+    config.backoff_base = Duration::from_millis(20);
+    config.lease_ttl = Duration::from_secs(2);
+    config
+}
